@@ -1,0 +1,16 @@
+"""chiplock: lock machine-learning models to the hardware they are licensed for.
+
+The safe verbs live here; :mod:`chiplock.keys`, :mod:`chiplock.transforms` and :mod:`chiplock.fingerprint`
+are public expert layers.
+"""
+
+from chiplock.errors import (AlreadyFinalized, ChiplockError, ContainerError, FingerprintError, InvalidKey,
+                             InvalidTag, ProfileError, UnsupportedConfig)
+from chiplock.profile import DeviceProfile, enroll
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyFinalized", "ChiplockError", "ContainerError", "DeviceProfile", "FingerprintError", "InvalidKey",
+    "InvalidTag", "ProfileError", "UnsupportedConfig", "enroll",
+]

@@ -1,0 +1,46 @@
+"""Exceptions raised by chiplock.
+
+Every failure the user can act on derives from :class:`ChiplockError`; its message says what to do.
+Authentication failures (:class:`InvalidTag`) carry no detail on purpose.
+"""
+
+from __future__ import annotations
+
+
+class ChiplockError(Exception):
+    """Root of every chiplock error."""
+
+
+class FingerprintError(ChiplockError):
+    """A hardware fingerprint could not be measured or reproduced on this device."""
+
+
+class InvalidKey(ChiplockError):
+    """The key derived on this device does not open the file (wrong hardware or wrong secret).
+
+    Only transforms that can tell raise it (``aes``, ``shuffle``). ``pre-aes`` never does, by design.
+    """
+
+
+class InvalidTag(ChiplockError):
+    """The container's bytes were altered after it was written, or its signature does not verify."""
+
+    def __init__(self, message: str = "the file was altered after it was locked (integrity check failed); "
+                 "obtain an intact copy from the vendor") -> None:
+        super().__init__(message)
+
+
+class ContainerError(ChiplockError):
+    """The file is not a chiplock container, is truncated, or has an unsupported version."""
+
+
+class UnsupportedConfig(ChiplockError):
+    """A dtype, transform, source or option is not supported."""
+
+
+class ProfileError(ChiplockError):
+    """A device profile is missing, unreadable or does not match the container."""
+
+
+class AlreadyFinalized(ChiplockError):
+    """A one-shot object (a key derivation) was used twice."""
