@@ -7,10 +7,12 @@ are public expert layers.
 from chiplock.errors import (AlreadyFinalized, ChiplockError, ContainerError, FingerprintError, InvalidKey,
                              InvalidTag, ProfileError, UnsupportedConfig)
 from chiplock.profile import DeviceProfile, enroll
+from chiplock.api import LowEntropyWarning, inspect, lock, unlock
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyFinalized", "ChiplockError", "ContainerError", "DeviceProfile", "FingerprintError", "InvalidKey",
-    "InvalidTag", "ProfileError", "UnsupportedConfig", "enroll",
+    "InvalidTag", "LowEntropyWarning", "ProfileError", "UnsupportedConfig", "enroll", "inspect", "lock",
+    "unlock",
 ]

@@ -1,0 +1,267 @@
+"""The safe verbs: lock, unlock, inspect."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+import chiplock
+from chiplock._io import atomic_writer
+from chiplock.container.format import (FORMAT_NAME, FORMAT_VERSION, NUMPY_CODE_NAMES, build_header, canonical,
+                                       header_digest, map_tensors, read_header, tree_digest)
+from chiplock.errors import ContainerError, InvalidKey, InvalidTag, ProfileError, UnsupportedConfig
+from chiplock.fingerprint import get_source
+from chiplock.keys.kdf import KdfParams, MasterKDF, assemble_material, subkey
+from chiplock.profile import DeviceProfile
+from chiplock.transforms import DTYPE_BY_NAME, DTYPE_NAMES, get_transform
+from chiplock.transforms.base import check_dtype
+
+Progress = Callable[[str, int, int], None]
+_CHECK_LABEL = b"chiplock key check v1"
+MIN_ENTROPY_BITS = 64
+
+
+class LowEntropyWarning(UserWarning):
+    """The key rests on fewer than 64 estimated bits (or an unknown amount) and no vendor secret."""
+
+
+def load_weights(weights: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a mapping of name -> tensor from a mapping, ``.safetensors``, or ``.pt``/``.bin`` state dict.
+
+    Raises:
+        ContainerError: The file is missing or unreadable.
+        UnsupportedConfig: The content is not a flat mapping of names to tensors of a supported dtype.
+    """
+    if isinstance(weights, (str, os.PathLike)):
+        path = Path(weights)
+        if not path.is_file():
+            raise ContainerError(f"weights file {str(path)!r} not found; check the path")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                weights = load_file(str(path))
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                weights = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                raise UnsupportedConfig(f"unknown weights format {path.suffix!r}; use .safetensors, .pt or .bin")
+        except UnsupportedConfig:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any parse failure of the user's file becomes one clear error.
+            raise ContainerError(f"could not read weights from {str(path)!r} ({type(exc).__name__}); "
+                                 "pass a safetensors file or a torch state dict saved with torch.save") from None
+    if not isinstance(weights, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise UnsupportedConfig("weights must be a mapping of str -> torch.Tensor (a state dict); "
+                                "for a model pass model.state_dict()")
+    for name, t in weights.items():
+        if t.dtype not in DTYPE_NAMES:
+            raise UnsupportedConfig(f"tensor {name!r} has unsupported dtype {t.dtype}; convert it to one of "
+                                    f"{', '.join(sorted(DTYPE_NAMES.values()))}")
+    return dict(weights)
+
+
+def _master_key(materials: dict[str, bytes], secret: bytes | None, kdf: KdfParams) -> bytes:
+    return MasterKDF(params=kdf).derive(assemble_material(materials, secret))
+
+
+def _key_check(master: bytes) -> str:
+    return hmac.new(subkey(master, "check"), _CHECK_LABEL, "sha256").hexdigest()[:32]
+
+
+def _warn_entropy(profile: DeviceProfile, secret: bytes | None) -> None:
+    if secret is not None:
+        return
+    bits = profile.entropy_bits()
+    if bits is None:
+        warnings.warn("the key rests only on fingerprints whose entropy is not estimated "
+                      f"({', '.join(profile.sources)}) and no vendor secret: pass secret= to make guessing "
+                      "infeasible", LowEntropyWarning, stacklevel=3)
+    elif bits < MIN_ENTROPY_BITS:
+        warnings.warn(f"the key rests on about {bits:.1f} bits of estimated entropy (< {MIN_ENTROPY_BITS}) and no "
+                      "vendor secret: pass secret= or add a fingerprint source", LowEntropyWarning, stacklevel=3)
+
+
+def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str | os.PathLike,
+         profile: DeviceProfile, transform: str = "pre-aes", secret: bytes | None = None, *,
+         kdf: KdfParams | None = None, signing_key: Ed25519PrivateKey | None = None,
+         progress: Progress | None = None) -> dict[str, Any]:
+    """Lock ``weights`` to the device described by ``profile`` and write a container to ``out_path``.
+
+    Args:
+        weights: A state dict, or a path to ``.safetensors`` / ``.pt`` / ``.bin`` (loaded with
+            ``weights_only=True``). The input is never modified.
+        out_path: Where to write the container; written to a temporary file and renamed, so an interrupted
+            lock leaves no partial output and an existing file is replaced only by a complete one.
+        profile: The device's :class:`~chiplock.DeviceProfile` (from :func:`chiplock.enroll`).
+        transform: ``"pre-aes"`` (default), ``"aes"`` or ``"shuffle"``.
+        secret: Optional vendor secret mixed into the key (needed again to unlock).
+        kdf: Argon2id parameters; default about 0.4 s and 64 MiB per derivation.
+        signing_key: Optional Ed25519 private key; the device can then refuse a tampered file.
+        progress: Optional ``progress(stage, done, total)`` callback.
+
+    Returns:
+        The container's public metadata, as :func:`inspect` returns it.
+
+    Raises:
+        UnsupportedConfig: Unknown transform or unsupported dtype.
+        ContainerError: ``weights`` is a path that cannot be read.
+
+    Example:
+        >>> profile = chiplock.enroll()  # doctest: +SKIP
+        >>> chiplock.lock(model.state_dict(), "model.chiplock", profile)  # doctest: +SKIP
+    """
+    if not isinstance(profile, DeviceProfile):
+        raise TypeError("profile must be a DeviceProfile; get one with chiplock.enroll() or DeviceProfile.load()")
+    if secret is not None and not isinstance(secret, bytes):
+        raise TypeError("secret must be bytes, e.g. secret=b'...' or bytes.fromhex(...)")
+    tf = get_transform(transform)
+    tensors = load_weights(weights)
+    _warn_entropy(profile, secret)
+    kdf = kdf or KdfParams()
+    master = _master_key(profile.materials(), secret, kdf)
+    meta: dict[str, Any] = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "transform": tf.name,
+        "created_by": f"chiplock {chiplock.__version__}", "kdf": kdf.to_json(),
+        "sources": [{"source": e.source, "helper": e.helper} for e in profile.enrollments],
+        "secret": secret is not None,
+        "key_check": _key_check(master) if tf.detects_wrong_key else None,
+        "tensors": {},
+    }
+    entries, blobs = [], []
+    for i, (name, t) in enumerate(tensors.items()):
+        check_dtype(t.dtype)
+        enc = tf.encode(t.detach().cpu(), subkey(master, f"tensor/{tf.name}", name))
+        stored_dtype = NUMPY_CODE_NAMES.get(enc.data.dtype, DTYPE_NAMES[t.dtype])
+        data = enc.data.reshape(-1).view(np.uint8)
+        meta["tensors"][name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "params": enc.params,
+                                 "digest": tree_digest(data)}
+        entries.append((name, stored_dtype, tuple(t.shape), data.nbytes))
+        blobs.append(data)
+        if progress:
+            progress("lock", i + 1, len(tensors))
+    meta["header_digest"] = header_digest(meta)
+    if signing_key is not None:
+        pub = signing_key.public_key().public_bytes_raw()
+        meta["signature"] = {"alg": "ed25519", "public_key": pub.hex(),
+                             "sig": signing_key.sign(canonical(meta)).hex()}
+    with atomic_writer(out_path) as fh:
+        fh.write(build_header(meta, entries))
+        for data in blobs:
+            fh.write(memoryview(data))
+    return inspect(out_path)
+
+
+def _verify_signature(meta: dict[str, Any], verify_key: Ed25519PublicKey | bytes | None) -> None:
+    sig = meta.get("signature")
+    if verify_key is None:
+        return
+    if isinstance(verify_key, bytes):
+        verify_key = Ed25519PublicKey.from_public_bytes(verify_key)
+    if not sig or sig.get("alg") != "ed25519":
+        raise InvalidTag("the file is not signed but a vendor key was given; obtain a signed copy") from None
+    try:
+        verify_key.verify(bytes.fromhex(sig["sig"]), canonical(meta))
+    except (InvalidSignature, ValueError, TypeError):
+        raise InvalidTag() from None
+
+
+def _device_materials(meta: dict[str, Any], profile: DeviceProfile | None) -> dict[str, bytes]:
+    needed = [s["source"] for s in meta["sources"]]
+    if profile is not None:
+        have = profile.materials()
+        missing = [n for n in needed if n not in have]
+        if missing:
+            raise ProfileError(f"the device profile lacks source(s) {', '.join(missing)} that this file needs; "
+                               f"enroll the device with --source {' --source '.join(needed)}")
+        return {n: have[n] for n in needed}
+    return {s["source"]: get_source(s["source"]).reproduce(s["helper"]) for s in meta["sources"]}
+
+
+def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret: bytes | None = None, *,
+           verify_key: Ed25519PublicKey | bytes | None = None,
+           progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Unlock a container in memory and return its weights. Nothing is written to disk.
+
+    Args:
+        path: A container written by :func:`lock`.
+        profile: Unlock as the device of this profile would. ``None`` (the normal case on a device) measures
+            the device this runs on.
+        secret: The vendor secret, if the file was locked with one.
+        verify_key: The vendor's Ed25519 public key; the file must then carry a valid signature by it.
+        progress: Optional ``progress(stage, done, total)`` callback.
+
+    Returns:
+        A dict of tensor name -> tensor, in the order they were locked.
+
+    Raises:
+        ContainerError: Not a chiplock file, truncated, or an unsupported version.
+        InvalidTag: The stored bytes or header were altered, or the signature does not verify.
+        InvalidKey: ``aes``/``shuffle`` only: this device (or secret) is not the one the file was locked for.
+            ``pre-aes`` never raises it: a wrong device gets plausible but useless weights.
+        FingerprintError: A fingerprint source cannot measure this device.
+        ProfileError: The profile lacks a source the file needs, or the vendor secret is missing.
+
+    Example:
+        >>> weights = chiplock.unlock("model.chiplock")  # doctest: +SKIP
+        >>> model.load_state_dict(weights)  # doctest: +SKIP
+    """
+    meta, stored = map_tensors(path)
+    _verify_signature(meta, verify_key)
+    if meta.get("secret") and secret is None:
+        raise ProfileError("this file was locked with a vendor secret; pass it (secret=... / --secret-file)")
+    if not meta.get("secret") and secret is not None:
+        raise ProfileError("this file was locked without a vendor secret; do not pass one")
+    tf = get_transform(meta["transform"])
+    for i, st in enumerate(stored):
+        if tree_digest(st.data) != meta["tensors"][st.name]["digest"]:
+            raise InvalidTag() from None
+        if progress:
+            progress("verify", i + 1, len(stored))
+    master = _master_key(_device_materials(meta, profile), secret, KdfParams.from_json(meta["kdf"]))
+    if tf.detects_wrong_key:
+        if not hmac.compare_digest(str(meta.get("key_check")), _key_check(master)):
+            raise InvalidKey("this file was locked for another device (or another vendor secret); it cannot be "
+                             "unlocked here: ask the vendor for a file locked to this device")
+    out: dict[str, torch.Tensor] = {}
+    for i, st in enumerate(stored):
+        info = meta["tensors"][st.name]
+        dtype = DTYPE_BY_NAME.get(info["dtype"])
+        if dtype is None:
+            raise UnsupportedConfig(f"tensor {st.name!r} has dtype {info['dtype']!r}, unknown to this chiplock; "
+                                    "upgrade chiplock")
+        key = subkey(master, f"tensor/{tf.name}", st.name)
+        out[st.name] = tf.decode(st.data, info["params"], key, dtype, tuple(info["shape"]))
+        if progress:
+            progress("unlock", i + 1, len(stored))
+    return out
+
+
+def inspect(path: str | os.PathLike) -> dict[str, Any]:
+    """Public metadata of a container: format, transform, sources, KDF, tensors' names, dtypes and shapes.
+
+    Reads only the header; needs no key and measures nothing.
+
+    Raises:
+        ContainerError: Not a chiplock file, truncated, or an unsupported version.
+    """
+    meta, _, _ = read_header(path)
+    return {
+        "format": meta["format"], "version": meta["version"], "transform": meta["transform"],
+        "created_by": meta.get("created_by"),
+        "sources": [s["source"] for s in meta["sources"]],
+        "helpers": {s["source"]: s["helper"] for s in meta["sources"]},
+        "secret_required": bool(meta.get("secret")),
+        "kdf": {k: v for k, v in meta["kdf"].items() if k != "salt"},
+        "signed": bool(meta.get("signature")),
+        "signer_public_key": (meta.get("signature") or {}).get("public_key"),
+        "tensors": {n: {"dtype": t["dtype"], "shape": t["shape"]} for n, t in meta["tensors"].items()},
+        "total_bytes": os.path.getsize(path),
+    }
