@@ -1,7 +1,12 @@
-"""Hardware fingerprint sources (expert layer). Importing this package registers the built-in sources."""
+"""Hardware fingerprint sources (expert layer). Importing this package registers the built-in sources.
+
+Sources: ``precision`` (exact floating-point results), ``clock`` (operation timing profiles), ``sram`` (SRAM
+power-up state from a dump, or a simulated PUF). See ``docs/fingerprints.md`` for what each is worth.
+"""
 
 from chiplock.fingerprint.base import (Enrollment, FingerprintSource, available_sources, get_source,
                                        register_source)
 from chiplock.fingerprint import precision as _precision  # noqa: F401  (registers "precision")
+from chiplock.fingerprint import sram as _sram  # noqa: F401  (registers "sram")
 
 __all__ = ["Enrollment", "FingerprintSource", "available_sources", "get_source", "register_source"]
