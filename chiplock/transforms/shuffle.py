@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from chiplock.errors import UnsupportedConfig
 from chiplock.transforms.base import Encoded, Transform, empty_raw, parallel_for, raw_view, register_transform
 
 FULL_MAX = 1 << 20
@@ -82,6 +83,9 @@ class ShuffleTransform(Transform):
 
     def decode(self, stored: np.ndarray, params: dict[str, Any], key: bytes, dtype: torch.dtype,
                shape: tuple[int, ...]) -> torch.Tensor:
+        if params != {"block": BLOCK, "pool": POOL, "full_max": FULL_MAX}:
+            raise UnsupportedConfig("this file was shuffled with parameters this chiplock does not know; "
+                                    "upgrade chiplock")
         out, raw = empty_raw(dtype, shape)
         _Plan(key, raw.size).invert(stored.view(raw.dtype), raw)
         return out
