@@ -168,6 +168,9 @@ def demo_cmd(out: Path = typer.Option(Path("chiplock-report"), "--out", help="Re
 
 def main() -> None:
     """Console-script entry point: turns ChiplockError into a one-line message and exit code 2."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *args, **kw: f"warning: {message}\n"
     try:
         app()
     except ChiplockError as exc:
