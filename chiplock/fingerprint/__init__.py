@@ -8,5 +8,6 @@ from chiplock.fingerprint.base import (Enrollment, FingerprintSource, available_
                                        register_source)
 from chiplock.fingerprint import precision as _precision  # noqa: F401  (registers "precision")
 from chiplock.fingerprint import sram as _sram  # noqa: F401  (registers "sram")
+from chiplock.fingerprint import clock as _clock  # noqa: F401  (registers "clock")
 
 __all__ = ["Enrollment", "FingerprintSource", "available_sources", "get_source", "register_source"]

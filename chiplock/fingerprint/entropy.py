@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 _Z = 2.576  # The 99 % two-sided normal quantile that SP 800-90B uses for its confidence bounds.
+#: Samples below which the collision estimate is reported but not used (see EntropyAssessment.non_iid).
+COLLISION_MIN_BITS = 1000
 
 
 def _bits(bits: np.ndarray, minimum: int = 2) -> np.ndarray:
@@ -142,7 +144,14 @@ class EntropyAssessment:
 
     @property
     def non_iid(self) -> float:
-        """The non-IID track's figure: the smallest of the three estimates."""
+        """The non-IID track's figure: the smallest of the three estimates.
+
+        The collision estimate is left out below :data:`COLLISION_MIN_BITS` samples: its confidence bound then
+        exceeds the whole range of collision times and it returns 0 whatever the source (on 45 fair coin
+        flips, for instance). MCV and Markov still carry their own small-sample penalties.
+        """
+        if self.n_bits < COLLISION_MIN_BITS:
+            return min(self.mcv, self.markov)
         return min(self.mcv, self.collision, self.markov)
 
     @property

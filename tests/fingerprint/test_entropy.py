@@ -60,3 +60,11 @@ def test_bit_error_rates():
 def test_rejects_non_bits():
     with pytest.raises(ValueError, match="0/1"):
         entropy.assess(np.array([0, 1, 2, 0, 1, 0, 1]))
+
+
+def test_collision_is_not_used_on_tiny_samples():
+    bits = np.random.default_rng(5).integers(0, 2, 45, dtype=np.uint8)
+    a = entropy.assess(bits)
+    assert a.non_iid == min(a.mcv, a.markov)
+    big = entropy.assess(np.random.default_rng(5).integers(0, 2, 5000, dtype=np.uint8))
+    assert big.non_iid == min(big.mcv, big.collision, big.markov)
