@@ -1,0 +1,93 @@
+"""The lock-training configuration."""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from chiplock.softlock.registry import config_from_dict, config_to_dict, parse_config
+
+
+class LockMode(str, enum.Enum):
+    """Which kind of configuration the unauthorized side is (only used for reporting and sanity checks)."""
+
+    QUANTIZATION = "quantization"
+    SPARSITY = "sparsity"
+
+
+@dataclass(frozen=True)
+class SoftLockConfig:
+    """How to fine-tune a model so it works on ``authorized`` and fails on every ``unauthorized`` configuration.
+
+    The loss is ``L(f_a(x), y) + lam * mean_u (epsilon - L(f_u(x), y))**2`` (Clifford et al.).
+
+    Args:
+        authorized: Configuration (or name such as ``"fp16"``) the model must keep working on.
+        unauthorized: One or several configurations (or names) the model must fail on.
+        lam: Weight ``lambda`` of the unauthorized term.
+        epsilon: Target unauthorized loss; ``None`` means chance level, ``ln(num_classes)``.
+        epochs: Passes over the training set.
+        lr: Adam learning rate.
+        batch_size: Global batch size (split across DDP ranks; must be divisible by the world size).
+        unauth_fraction: Fraction of each batch also run through the unauthorized configurations; below 1 it
+            makes a lock step cheaper at the price of a noisier unauthorized term.
+        freeze_bn: Keep BatchNorm statistics fixed (eval mode) so training sees exactly the deployed function.
+        seed: Seed for initialisation-independent randomness (batch order); runs are reproducible.
+        version: Schema version.
+
+    Raises:
+        ValueError: A numeric field is out of range or no unauthorized configuration is given.
+
+    Example:
+        >>> SoftLockConfig(authorized="fp16", unauthorized=("int8",), lam=1.0, epochs=5)
+    """
+
+    authorized: Any = "fp32"
+    unauthorized: tuple = ("e4m3fn",)
+    lam: float = 1.0
+    epsilon: Optional[float] = None
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 64
+    unauth_fraction: float = 1.0
+    freeze_bn: bool = True
+    seed: int = 0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        unauth = self.unauthorized
+        if isinstance(unauth, (str, bytes)) or not hasattr(unauth, "__iter__"):
+            unauth = (unauth,)
+        object.__setattr__(self, "authorized", parse_config(self.authorized))
+        object.__setattr__(self, "unauthorized", tuple(parse_config(u) for u in unauth))
+        if not self.unauthorized:
+            raise ValueError("SoftLockConfig(unauthorized=...) needs at least one configuration, e.g. ('int8',)")
+        if self.lam < 0 or not math.isfinite(self.lam):
+            raise ValueError(f"SoftLockConfig(lam={self.lam}): use a finite lambda >= 0")
+        if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ValueError(f"SoftLockConfig(epsilon={self.epsilon}): use a positive target loss or None")
+        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError("SoftLockConfig: epochs >= 0, batch_size >= 1 and lr > 0 are required")
+        if not 0 < self.unauth_fraction <= 1:
+            raise ValueError(f"SoftLockConfig(unauth_fraction={self.unauth_fraction}): use a fraction in (0, 1]")
+
+    def target_loss(self, num_classes: int) -> float:
+        """``epsilon``, or the chance-level cross-entropy ``ln(num_classes)`` when it is ``None``."""
+        return self.epsilon if self.epsilon is not None else math.log(num_classes)
+
+    def to_json(self) -> str:
+        d = {k: getattr(self, k) for k in ("lam", "epsilon", "epochs", "lr", "batch_size", "unauth_fraction",
+                                           "freeze_bn", "seed", "version")}
+        d["authorized"] = config_to_dict(self.authorized)
+        d["unauthorized"] = [config_to_dict(u) for u in self.unauthorized]
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SoftLockConfig":
+        d = json.loads(text)
+        d["authorized"] = config_from_dict(d["authorized"])
+        d["unauthorized"] = tuple(config_from_dict(u) for u in d["unauthorized"])
+        return cls(**d)
