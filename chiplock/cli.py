@@ -16,6 +16,7 @@ from rich.table import Table
 
 from chiplock.errors import ChiplockError
 from chiplock.fingerprint.cli import app as fingerprint_app
+from chiplock.softlock.cli import app as softlock_app
 
 class Transform(str, enum.Enum):
     aes = "aes"
@@ -29,6 +30,7 @@ console = Console(stderr=True)
 
 # Sub-command groups owned by other packages mount here, one line each.
 app.add_typer(fingerprint_app, name="fingerprint")
+app.add_typer(softlock_app, name="softlock")
 
 
 @app.command()

@@ -1,0 +1,140 @@
+"""`chiplock softlock`: lock-train a model to its authorized number format or sparsity, and evaluate the lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Soft locking: models that work only in their authorized number format or sparsity.",
+                  no_args_is_help=True)
+console = Console()
+
+
+@app.command()
+def train(
+    authorized: str = typer.Option("fp32", help="Authorized configuration: fp32, fp16, bf16, e4m3fn, e6m9, int8, ..."),
+    unauthorized: List[str] = typer.Option(..., help="Unauthorized configuration; repeatable (e.g. int8, 2:4)."),
+    out: Path = typer.Option(Path("locked.safetensors"), "-o", "--out", help="Locked model (safetensors)."),
+    base: Optional[Path] = typer.Option(None, help="Trained model to lock; default: train the fp32 original."),
+    original_out: Optional[Path] = typer.Option(None, help="Where to save the trained original "
+                                                "(default: <out>.original.safetensors)."),
+    data: str = typer.Option("mnist5000", help="mnist5000 (28x28) or digits8 (8x8)."),
+    arch: str = typer.Option("resnet18", help="resnet18, resnet50 or smallcnn."),
+    width: int = typer.Option(16, help="First-stage channels (64 is the standard ResNet)."),
+    pretrain_epochs: int = typer.Option(3, help="Epochs for the original when --base is not given."),
+    epochs: int = typer.Option(3, help="Lock-training epochs."),
+    lam: float = typer.Option(1.0, "--lambda", help="Weight of the unauthorized term."),
+    epsilon: Optional[float] = typer.Option(None, help="Target unauthorized loss (default ln(classes))."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    batch_size: int = typer.Option(64, help="Global batch size."),
+    unauth_fraction: float = typer.Option(1.0, help="Fraction of each batch run unauthorized (cheaper steps)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file (resumed when it exists)."),
+    max_train: Optional[int] = typer.Option(None, help="Use only the first N training images."),
+    nproc: int = typer.Option(1, help="DDP processes (torchrun, gloo on CPU / NCCL on GPU)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Fine-tune a model so it works on AUTHORIZED and drops to chance on every UNAUTHORIZED configuration."""
+    from chiplock.softlock.pipeline import TrainSpec, load_dataset, pretrain, run_lock
+    from chiplock.softlock.registry import parse_config
+
+    parse_config(authorized)  # Fail on a typo before any training starts.
+    for u in unauthorized:
+        parse_config(u)
+    if base is None:
+        base = original_out or out.with_name(out.stem + ".original.safetensors")
+        spec0 = TrainSpec(out=str(out), data=data, arch=arch, width=width, pretrain_epochs=pretrain_epochs,
+                          seed=seed)
+        with console.status(f"training the fp32 original ({arch}, {pretrain_epochs} epochs)..."):
+            pretrain(spec0, load_dataset(data), str(base))
+        console.print(f"wrote original [bold]{base}[/]")
+    spec = TrainSpec(out=str(out), authorized=authorized, unauthorized=tuple(unauthorized), data=data, arch=arch,
+                     width=width, base=str(base), epochs=epochs, lam=lam, epsilon=epsilon, lr=lr,
+                     batch_size=batch_size, unauth_fraction=unauth_fraction, seed=seed,
+                     checkpoint=None if checkpoint is None else str(checkpoint), max_train=max_train)
+    if nproc > 1:
+        _launch_ddp(spec, nproc, progress)
+    else:
+        run_lock(spec, progress=progress)
+    console.print(f"wrote locked model [bold]{out}[/] (authorized {authorized}; unauthorized "
+                  f"{', '.join(unauthorized)}); evaluate with: chiplock softlock eval {out} --original {base}")
+
+
+def _launch_ddp(spec, nproc: int, progress: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "spec.json")
+        Path(path).write_text(spec.to_json())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "chiplock.softlock.ddp", "--spec", path]
+        env = dict(os.environ, CHIPLOCK_PROGRESS="1" if progress else "0")
+        rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        from chiplock.errors import ChiplockError
+
+        raise ChiplockError(f"DDP lock training failed (torchrun exit code {rc})")
+
+
+@app.command("eval")
+def evaluate(
+    locked: Path = typer.Argument(..., help="Locked model written by `chiplock softlock train`."),
+    original: Optional[Path] = typer.Option(None, help="The model before locking (for Δorig)."),
+    config: List[str] = typer.Option([], "--config", help="Extra configuration to evaluate; repeatable."),
+    out: Path = typer.Option(Path("softlock-report"), "-o", "--out", help="Folder for JSON, Markdown and PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Print and write the paper-style table Acc_authorized^locked (Δorig, Δlock) plus accuracy per configuration."""
+    from chiplock.softlock.model_io import load_model
+    from chiplock.softlock.pipeline import load_dataset
+    from chiplock.softlock.report import build_report, write_report
+
+    model, info = load_model(locked)
+    if "lock" not in info:
+        from chiplock.errors import UnsupportedConfig
+
+        raise UnsupportedConfig(f"{locked} is not a locked model (no lock description); pass the locked file")
+    orig = load_model(original)[0] if original is not None else None
+    data = load_dataset(info["data"])
+    lock = info["lock"]
+    from chiplock.softlock.registry import config_from_dict
+
+    auth = config_from_dict(lock["authorized"])
+    unauth = [config_from_dict(u) for u in lock["unauthorized"]]
+    with console.status("evaluating..."):
+        report = build_report(model, data.x_test, data.y_test, authorized=auth, unauthorized=unauth,
+                              configs=config, original=orig, info={"locked": str(locked), "data": info["data"]})
+    paths = write_report(report, out)
+    if as_json:
+        typer.echo(report.to_json())
+        return
+    table = Table(title="Soft lock: Acc_authorized^locked (Δorig, Δlock)")
+    table.add_column("authorized -> unauthorized")
+    table.add_column("Acc (Δorig, Δlock)")
+    for r in report.rows:
+        table.add_row(f"{r.authorized} -> {r.unauthorized}", r.cell())
+    console.print(table)
+    acc = Table(title="Accuracy per configuration")
+    for col in ("configuration", "original", "locked"):
+        acc.add_column(col)
+    for c in report.configs:
+        acc.add_row(c, "" if report.original is None else f"{report.original[c]:.3f}", f"{report.locked[c]:.3f}")
+    console.print(acc)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
+def formats() -> None:
+    """List the registered configurations and example names."""
+    from chiplock.softlock.registry import registered_types
+
+    console.print("types: " + ", ".join(registered_types()))
+    console.print("names: fp32 fp16 bf16 e4m3fn e5m2 e6m9 e4m3fnb11 e5m2-inf int8 int8-per_tensor int8-asym "
+                  "int4 2:4 1:4 prune0.25 and compositions such as 2:4+fp16")
