@@ -1,0 +1,479 @@
+"""The safe verbs lock / unlock / inspect / load_weights: round trips, destruction on another device, vendor
+secrets, signatures, interrupted writes, and what error messages may contain."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import chiplock
+from chiplock import (ChiplockError, ContainerError, DeviceProfile, InvalidKey, InvalidTag, ProfileError,
+                      UnsupportedConfig)
+from chiplock.api import load_weights
+from chiplock.fingerprint import Enrollment
+from chiplock.transforms import get_transform
+
+pytestmark = pytest.mark.filterwarnings("ignore::chiplock.LowEntropyWarning")
+
+TRANSFORMS = ("aes", "shuffle", "pre-aes")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32,
+          torch.int64, torch.uint8, torch.bool)
+SHAPES = ((), (0,), (3, 0, 2), (1,), (7, 13), (101,), (2, 3, 5, 7))
+CHANCE = 0.10
+
+
+def all_kinds(tensor_factory) -> dict[str, torch.Tensor]:
+    """One tensor per dtype x shape, floats with NaN/inf/-0.0 mixed in."""
+    out = {}
+    for i, dtype in enumerate(DTYPES):
+        for j, shape in enumerate(SHAPES):
+            mode = "specials" if j % 2 else "normal"
+            out[f"{str(dtype).split('.')[-1]}/{j}.weight"] = tensor_factory(dtype, shape, mode, seed=100 * i + j)
+    return out
+
+
+def assert_state_equal(got, want, assert_bit_exact):
+    assert list(got) == list(want), "names or order changed"
+    for name in want:
+        assert_bit_exact(got[name], want[name], name)
+
+
+# --- round trips -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_lock_unlock_round_trip_every_dtype_and_shape(transform, tmp_path, profile, fast_kdf, tensor_factory,
+                                                      assert_bit_exact):
+    weights = all_kinds(tensor_factory)
+    before = {k: v.clone() for k, v in weights.items()}
+    meta = chiplock.lock(weights, tmp_path / "m.chiplock", profile, transform, kdf=fast_kdf)
+    assert meta["transform"] == transform and set(meta["tensors"]) == set(weights)
+    out = chiplock.unlock(tmp_path / "m.chiplock", profile=profile)
+    assert_state_equal(out, weights, assert_bit_exact)
+    assert_state_equal(weights, before, assert_bit_exact)  # the input mapping is untouched
+
+
+names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12)
+tensor_specs = st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 5), max_size=3).map(tuple),
+                         st.sampled_from(("normal", "bits", "specials", "constant", "few")),
+                         st.integers(0, 2**32 - 1))
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=st.dictionaries(names.filter(lambda s: s != "__metadata__"), tensor_specs, min_size=1, max_size=4))
+def test_lock_unlock_round_trip_hypothesis(transform, specs, profile, tensor_factory, assert_bit_exact):
+    weights = {name: tensor_factory(d, s, m, seed) for name, (d, s, m, seed) in specs.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.chiplock"
+        chiplock.lock(weights, path, profile, transform, kdf=chiplock.keys.KdfParams(**chiplock.keys.INSECURE_FAST))
+        assert_state_equal(chiplock.unlock(path, profile=profile), weights, assert_bit_exact)
+
+
+def test_lock_reads_safetensors_pt_and_bin_files(tmp_path, profile, fast_kdf, tensor_factory, assert_bit_exact):
+    from safetensors.torch import save_file
+
+    weights = {"a": tensor_factory(torch.float32, (30, 7), "specials", 1),
+               "b": tensor_factory(torch.bfloat16, (5,), "normal", 2),
+               "c": tensor_factory(torch.int64, (), "normal", 3)}
+    save_file(weights, tmp_path / "w.safetensors")
+    torch.save(weights, tmp_path / "w.pt")
+    torch.save(weights, tmp_path / "w.bin")
+    for src in ("w.safetensors", "w.pt", "w.bin"):
+        digest = hashlib.sha256((tmp_path / src).read_bytes()).hexdigest()
+        chiplock.lock(tmp_path / src, tmp_path / f"{src}.chiplock", profile, kdf=fast_kdf)
+        assert hashlib.sha256((tmp_path / src).read_bytes()).hexdigest() == digest, "input file modified"
+        out = chiplock.unlock(tmp_path / f"{src}.chiplock", profile=profile)
+        for name in weights:
+            assert_bit_exact(out[name], weights[name], f"{src}:{name}")
+
+
+def test_non_contiguous_and_shared_storage_tensors(tmp_path, profile, fast_kdf, assert_bit_exact):
+    base = torch.randn(40, 30)
+    weights = {"t": base.t(), "view": base[5:9], "tied": base}
+    chiplock.lock(weights, tmp_path / "m.chiplock", profile, "pre-aes", kdf=fast_kdf)
+    out = chiplock.unlock(tmp_path / "m.chiplock", profile=profile)
+    for name, t in weights.items():
+        assert_bit_exact(out[name], t.contiguous(), name)
+
+
+def test_unlock_without_profile_measures_this_device(tmp_path, profile, fast_kdf, assert_bit_exact):
+    w = {"w": torch.randn(64, 64)}
+    chiplock.lock(w, tmp_path / "m.chiplock", profile, "aes", kdf=fast_kdf)
+    assert_bit_exact(chiplock.unlock(tmp_path / "m.chiplock")["w"], w["w"])
+
+
+def test_lock_returns_inspect_metadata_and_inspect_is_public(tmp_path, profile, fast_kdf):
+    w = {"conv.weight": torch.randn(8, 1, 3, 3), "fc.bias": torch.zeros(10, dtype=torch.float16)}
+    meta = chiplock.lock(w, tmp_path / "m.chiplock", profile, "pre-aes", kdf=fast_kdf)
+    info = chiplock.inspect(tmp_path / "m.chiplock")
+    assert meta == info
+    json.dumps(info)  # machine-readable
+    assert info["format"] == "chiplock" and info["version"] == 1 and info["transform"] == "pre-aes"
+    assert info["sources"] == ["precision"] and info["secret_required"] is False and info["signed"] is False
+    assert info["tensors"] == {"conv.weight": {"dtype": "F32", "shape": [8, 1, 3, 3]},
+                               "fc.bias": {"dtype": "F16", "shape": [10]}}
+    assert info["total_bytes"] == (tmp_path / "m.chiplock").stat().st_size
+    assert info["kdf"]["memory_kib"] == fast_kdf.memory_kib
+
+
+def test_progress_callback_reports_every_tensor(tmp_path, profile, fast_kdf):
+    calls = []
+    w = {f"t{i}": torch.randn(10) for i in range(3)}
+    chiplock.lock(w, tmp_path / "m.chiplock", profile, kdf=fast_kdf, progress=lambda *a: calls.append(a))
+    chiplock.unlock(tmp_path / "m.chiplock", profile=profile, progress=lambda *a: calls.append(a))
+    assert ("lock", 3, 3) in calls and ("unlock", 3, 3) in calls
+    assert [c for c in calls if c[0] == "lock"] == [("lock", i, 3) for i in (1, 2, 3)]
+
+
+# --- destruction on another device ------------------------------------------------------------------------
+
+
+def _other_device(profile: DeviceProfile, seed: int) -> DeviceProfile:
+    e = profile.enrollments[0]
+    material = hashlib.sha256(b"another device %d" % seed).digest()
+    return DeviceProfile(enrollments=(Enrollment(source=e.source, helper=dict(e.helper), material=material),))
+
+
+def test_pre_aes_wrong_device_scores_near_chance(tmp_path, profile, wrong_profile, fast_kdf, trained_model,
+                                                 digits, assert_bit_exact):
+    from chiplock.models import SmallCNN
+    from chiplock.training import accuracy
+
+    state = {k: v.clone() for k, v in trained_model.state_dict().items()}
+    acc_ok = accuracy(trained_model, digits.x_test, digits.y_test)
+    chiplock.lock(state, tmp_path / "m.chiplock", profile, "pre-aes", kdf=fast_kdf)
+    model = SmallCNN(num_classes=10, image_size=8, width=8)
+
+    right = chiplock.unlock(tmp_path / "m.chiplock", profile=profile)
+    assert_state_equal(right, state, assert_bit_exact)
+    model.load_state_dict(right)
+    assert accuracy(model, digits.x_test, digits.y_test) == acc_ok
+
+    # A single random wrong key scores above chance + 5 % about one time in twenty (a network with random
+    # weights often predicts one or two classes); five other devices pin the expected score down.
+    accs = []
+    for other in [wrong_profile] + [_other_device(profile, i) for i in range(4)]:
+        wrong = chiplock.unlock(tmp_path / "m.chiplock", profile=other)  # never raises for pre-aes
+        assert set(wrong) == set(state)
+        model.load_state_dict(wrong)
+        accs.append(accuracy(model, digits.x_test, digits.y_test))
+    assert np.mean(accs) <= CHANCE + 0.05, f"wrong-device accuracies {accs} (authorized {acc_ok:.3f})"
+    assert max(accs) <= CHANCE + 0.15, f"wrong-device accuracies {accs}"
+
+
+@pytest.mark.parametrize("transform", ["aes", "shuffle"])
+def test_aes_and_shuffle_refuse_another_device(transform, tmp_path, profile, wrong_profile, fast_kdf,
+                                               trained_model):
+    chiplock.lock(trained_model.state_dict(), tmp_path / "m.chiplock", profile, transform, kdf=fast_kdf)
+    with pytest.raises(InvalidKey, match="locked for another device.*ask the vendor for a file locked to this"):
+        chiplock.unlock(tmp_path / "m.chiplock", profile=wrong_profile)
+
+
+def test_file_for_another_device_is_refused_when_measuring_this_one(tmp_path, wrong_profile, fast_kdf):
+    chiplock.lock({"w": torch.randn(10)}, tmp_path / "m.chiplock", wrong_profile, "aes", kdf=fast_kdf)
+    with pytest.raises(InvalidKey):
+        chiplock.unlock(tmp_path / "m.chiplock")
+
+
+def test_pre_aes_file_carries_no_key_check(tmp_path, profile, fast_kdf, container_io):
+    chiplock.lock({"w": torch.randn(10)}, tmp_path / "p.chiplock", profile, "pre-aes", kdf=fast_kdf)
+    chiplock.lock({"w": torch.randn(10)}, tmp_path / "a.chiplock", profile, "aes", kdf=fast_kdf)
+    read, _ = container_io
+    assert read(tmp_path / "p.chiplock")[0]["key_check"] is None
+    assert isinstance(read(tmp_path / "a.chiplock")[0]["key_check"], str)
+
+
+# --- vendor secret ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_vendor_secret_required_wrong_and_unexpected(transform, tmp_path, profile, fast_kdf, assert_bit_exact):
+    w = {"w": torch.randn(500)}
+    path = tmp_path / "m.chiplock"
+    chiplock.lock(w, path, profile, transform, secret=b"s3cret", kdf=fast_kdf)
+    assert chiplock.inspect(path)["secret_required"] is True
+    assert_bit_exact(chiplock.unlock(path, profile=profile, secret=b"s3cret")["w"], w["w"])
+    with pytest.raises(ProfileError, match=r"locked with a vendor secret; pass it"):
+        chiplock.unlock(path, profile=profile)
+    if transform == "pre-aes":
+        out = chiplock.unlock(path, profile=profile, secret=b"wrong")
+        assert (out["w"] != w["w"]).float().mean() > 0.9
+    else:
+        with pytest.raises(InvalidKey, match="another vendor secret"):
+            chiplock.unlock(path, profile=profile, secret=b"wrong")
+    chiplock.lock(w, path, profile, transform, kdf=fast_kdf)
+    with pytest.raises(ProfileError, match="locked without a vendor secret; do not pass one"):
+        chiplock.unlock(path, profile=profile, secret=b"s3cret")
+
+
+def test_secret_and_profile_types_are_checked(tmp_path, profile, fast_kdf):
+    with pytest.raises(TypeError, match=r"secret must be bytes"):
+        chiplock.lock({"w": torch.zeros(2)}, tmp_path / "m.chiplock", profile, secret="text", kdf=fast_kdf)
+    with pytest.raises(TypeError, match=r"profile must be a DeviceProfile.*chiplock.enroll\(\)"):
+        chiplock.lock({"w": torch.zeros(2)}, tmp_path / "m.chiplock", profile.to_json(), kdf=fast_kdf)
+    assert not (tmp_path / "m.chiplock").exists()
+
+
+def test_low_entropy_warning_without_secret(tmp_path, profile, fast_kdf):
+    with pytest.warns(chiplock.LowEntropyWarning, match="pass secret="):
+        chiplock.lock({"w": torch.zeros(2)}, tmp_path / "m.chiplock", profile, kdf=fast_kdf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", chiplock.LowEntropyWarning)
+        chiplock.lock({"w": torch.zeros(2)}, tmp_path / "m.chiplock", profile, secret=b"x" * 16, kdf=fast_kdf)
+
+
+def test_profile_missing_a_source_the_file_needs(tmp_path, profile, fast_kdf):
+    e = profile.enrollments[0]
+    two = DeviceProfile(enrollments=(e, Enrollment(source="clock", helper={}, material=os.urandom(32))))
+    chiplock.lock({"w": torch.zeros(2)}, tmp_path / "m.chiplock", two, kdf=fast_kdf)
+    with pytest.raises(ProfileError, match=r"lacks source\(s\) clock.*enroll the device with"):
+        chiplock.unlock(tmp_path / "m.chiplock", profile=profile)
+
+
+# --- bad weights ---------------------------------------------------------------------------------------------
+
+
+def test_unsupported_dtype_is_refused_and_nothing_is_written(tmp_path, profile, fast_kdf):
+    w = {"ok": torch.zeros(3), "z": torch.zeros(3, dtype=torch.complex64)}
+    with pytest.raises(UnsupportedConfig, match=r"tensor 'z' has unsupported dtype torch.complex64; convert it"):
+        chiplock.lock(w, tmp_path / "m.chiplock", profile, kdf=fast_kdf)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [[torch.zeros(2)], {"a": [1.0, 2.0]}, {1: torch.zeros(2)}, torch.zeros(2)])
+def test_weights_must_be_a_state_dict(bad, tmp_path, profile, fast_kdf):
+    with pytest.raises(UnsupportedConfig, match=r"mapping of str -> torch.Tensor.*model.state_dict\(\)"):
+        chiplock.lock(bad, tmp_path / "m.chiplock", profile, kdf=fast_kdf)
+
+
+def test_unknown_transform(tmp_path, profile, fast_kdf):
+    with pytest.raises(UnsupportedConfig, match=r"unknown transform 'xor'; choose one of aes, pre-aes, shuffle"):
+        chiplock.lock({"w": torch.zeros(2)}, tmp_path / "m.chiplock", profile, "xor", kdf=fast_kdf)
+
+
+def test_weights_files_missing_unreadable_or_unknown(tmp_path):
+    with pytest.raises(ContainerError, match=r"not found; check the path"):
+        load_weights(tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(os.urandom(100))
+    with pytest.raises(ContainerError, match=r"could not read weights .*pass a safetensors file"):
+        load_weights(tmp_path / "junk.safetensors")
+    (tmp_path / "junk.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ContainerError, match=r"could not read weights"):
+        load_weights(tmp_path / "junk.pt")
+    (tmp_path / "w.npz").write_bytes(b"")
+    with pytest.raises(UnsupportedConfig, match=r"unknown weights format '.npz'; use .safetensors, .pt or .bin"):
+        load_weights(tmp_path / "w.npz")
+    with pytest.raises(ContainerError, match="not found"):
+        load_weights(tmp_path)  # a folder
+
+
+def test_pt_file_with_code_is_refused(tmp_path):
+    # weights_only=True: a pickled module (arbitrary code on load) is not accepted.
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")
+    with pytest.raises(ContainerError, match="could not read weights"):
+        load_weights(tmp_path / "model.pt")
+
+
+# --- signatures ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def signed(tmp_path, profile, fast_kdf):
+    key = Ed25519PrivateKey.generate()
+    w = {"a": torch.randn(300), "b": torch.randn(4, 4)}
+    path = tmp_path / "signed.chiplock"
+    chiplock.lock(w, path, profile, "pre-aes", kdf=fast_kdf, signing_key=key)
+    return path, key, w
+
+
+def test_signed_file_verifies_with_the_vendor_key(signed, profile, assert_bit_exact):
+    path, key, w = signed
+    pub = key.public_key()
+    info = chiplock.inspect(path)
+    assert info["signed"] is True and info["signer_public_key"] == pub.public_bytes_raw().hex()
+    assert_state_equal(chiplock.unlock(path, profile=profile, verify_key=pub), w, assert_bit_exact)
+    assert_state_equal(chiplock.unlock(path, profile=profile, verify_key=pub.public_bytes_raw()), w,
+                       assert_bit_exact)
+
+
+def test_signed_file_fails_with_another_key(signed, profile):
+    path, _, _ = signed
+    with pytest.raises(InvalidTag) as exc:
+        chiplock.unlock(path, profile=profile, verify_key=Ed25519PrivateKey.generate().public_key())
+    assert str(exc.value) == str(InvalidTag())  # no detail
+
+
+def test_tampered_signed_file_fails(signed, profile, tmp_path, container_io):
+    path, key, _ = signed
+    pub = key.public_key()
+    read, write = container_io
+    meta, header, data = read(path)
+
+    # 1. Tensor bytes altered.
+    flipped = bytearray(data)
+    flipped[5] ^= 0x01
+    write(tmp_path / "t1.chiplock", meta, header, bytes(flipped))
+    # 2. Metadata altered and the (unkeyed) header digest recomputed: only the signature catches it.
+    m2 = json.loads(json.dumps(meta))
+    m2["tensors"]["a"]["params"]["breaks"] = m2["tensors"]["b"]["params"]["breaks"]
+    write(tmp_path / "t2.chiplock", m2, header, data)
+    # 3. Signature stripped.
+    m3 = {k: v for k, v in meta.items() if k != "signature"}
+    write(tmp_path / "t3.chiplock", m3, header, data)
+    # 4. Re-signed by someone else.
+    m4 = json.loads(json.dumps(m2))
+    from chiplock.container.format import canonical
+    other = Ed25519PrivateKey.generate()
+    m4["signature"] = {"alg": "ed25519", "public_key": other.public_key().public_bytes_raw().hex(),
+                       "sig": other.sign(canonical(m4)).hex()}
+    write(tmp_path / "t4.chiplock", m4, header, data)
+
+    for name in ("t1", "t2", "t3", "t4"):
+        with pytest.raises(InvalidTag):
+            chiplock.unlock(tmp_path / f"{name}.chiplock", profile=profile, verify_key=pub)
+    with pytest.raises(InvalidTag, match="not signed but a vendor key was given; obtain a signed copy"):
+        chiplock.unlock(tmp_path / "t3.chiplock", profile=profile, verify_key=pub)
+
+
+def test_unsigned_file_with_verify_key_is_refused(tmp_path, profile, fast_kdf):
+    chiplock.lock({"w": torch.zeros(3)}, tmp_path / "m.chiplock", profile, kdf=fast_kdf)
+    with pytest.raises(InvalidTag, match="not signed"):
+        chiplock.unlock(tmp_path / "m.chiplock", profile=profile,
+                        verify_key=Ed25519PrivateKey.generate().public_key())
+
+
+# --- interrupted writes ------------------------------------------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_lock_leaves_no_partial_output(transform, existing, tmp_path, profile, fast_kdf,
+                                                   monkeypatch):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "in.safetensors"
+    save_file({f"t{i}": torch.randn(1000) for i in range(4)}, src)
+    out = tmp_path / "model.chiplock"
+    if existing:
+        out.write_bytes(b"the previous, complete model")
+    before = _snapshot(tmp_path)
+    src_mtime = src.stat().st_mtime_ns
+
+    tf = get_transform(transform)
+    real_encode = tf.encode
+    calls = []
+
+    def encode(t, key):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_encode(t, key)
+
+    monkeypatch.setattr(tf, "encode", encode)
+    with pytest.raises(KeyboardInterrupt):
+        chiplock.lock(src, out, profile, transform, kdf=fast_kdf)
+    assert _snapshot(tmp_path) == before, "a partial output, a temp file, or a changed input was left behind"
+    assert src.stat().st_mtime_ns == src_mtime
+
+
+def test_interrupt_while_writing_leaves_no_partial_output(tmp_path, profile, fast_kdf, monkeypatch):
+    import chiplock.api as api
+
+    out = tmp_path / "model.chiplock"
+    out.write_bytes(b"old")
+    real = api.atomic_writer
+
+    class Boom:
+        def __init__(self, fh):
+            self.fh, self.n = fh, 0
+
+        def write(self, data):
+            self.n += 1
+            if self.n == 2:
+                raise KeyboardInterrupt
+            return self.fh.write(data)
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def writer(path, **kw):
+        with real(path, **kw) as fh:
+            yield Boom(fh)
+
+    monkeypatch.setattr(api, "atomic_writer", writer)
+    with pytest.raises(KeyboardInterrupt):
+        chiplock.lock({"a": torch.randn(100), "b": torch.randn(100)}, out, profile, kdf=fast_kdf)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.chiplock"]
+    assert out.read_bytes() == b"old"
+
+
+def test_failed_lock_never_touches_the_input_file(tmp_path, profile, fast_kdf):
+    src = tmp_path / "in.pt"
+    torch.save({"a": torch.zeros(2), "z": torch.zeros(2, dtype=torch.complex64)}, src)
+    before = _snapshot(tmp_path)
+    with pytest.raises(UnsupportedConfig):
+        chiplock.lock(src, tmp_path / "m.chiplock", profile, kdf=fast_kdf)
+    assert _snapshot(tmp_path) == before
+
+
+# --- no key material in messages, logs or files ---------------------------------------------------------------
+
+
+def test_key_material_never_appears_in_errors_logs_or_files(tmp_path, profile, wrong_profile, fast_kdf, caplog,
+                                                            container_io):
+    from chiplock.api import _master_key
+    from chiplock.keys import KdfParams
+
+    secret = b"vendor-secret-0123456789"
+    secrets = [profile.enrollments[0].material, wrong_profile.enrollments[0].material, secret]
+    caplog.set_level(logging.DEBUG)
+    errors: list[BaseException] = []
+
+    def expect_error(fn, *args, **kwargs):
+        with pytest.raises(ChiplockError) as exc:
+            fn(*args, **kwargs)
+        errors.append(exc.value)
+
+    paths = {}
+    for tf in TRANSFORMS:
+        paths[tf] = tmp_path / f"{tf}.chiplock"
+        chiplock.lock({"w": torch.randn(200)}, paths[tf], profile, tf, secret=secret, kdf=fast_kdf)
+        expect_error(chiplock.unlock, paths[tf], profile=profile)                     # missing secret
+        if tf != "pre-aes":
+            expect_error(chiplock.unlock, paths[tf], profile=profile, secret=b"x")  # wrong secret
+            expect_error(chiplock.unlock, paths[tf], profile=wrong_profile, secret=secret)
+    read, write = container_io
+    meta, header, data = read(paths["aes"])
+    secrets.append(_master_key(profile.materials(), secret, KdfParams.from_json(meta["kdf"])))
+    write(tmp_path / "bad.chiplock", meta, header, data[:-1] + bytes([data[-1] ^ 1]))
+    expect_error(chiplock.unlock, tmp_path / "bad.chiplock", profile=profile, secret=secret)
+    bad_profile = profile.to_json()
+    bad_profile["enrollments"][0]["material"] = bad_profile["enrollments"][0]["material"][:-1] + "g"
+    (tmp_path / "p.json").write_text(json.dumps(bad_profile))
+    expect_error(DeviceProfile.load, tmp_path / "p.json")
+    assert len(errors) >= 9
+
+    texts = [str(e) + repr(e) for e in errors] + [r.getMessage() for r in caplog.records]
+    texts += [repr(profile), str(profile), json.dumps(chiplock.inspect(paths["aes"]))]
+    blobs = [p.read_bytes() for p in paths.values()]
+    for s in secrets:
+        for text in texts:
+            assert s.hex() not in text.lower() and s.hex().upper() not in text
+        for blob in blobs:
+            assert s not in blob and s.hex().encode() not in blob
