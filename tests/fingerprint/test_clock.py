@@ -115,3 +115,16 @@ def test_real_cpu_clock_smoke():
     assert e.info["seconds_per_profile"] < 3.0
     bits = src.raw_bits(e.helper)
     assert bits.size == e.info["n_bits"] and set(np.unique(bits)) <= {0, 1}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error raised without a GPU")
+def test_cuda_clock_without_gpu_says_what_to_do():
+    with pytest.raises(FingerprintError, match="CUDA GPU"):
+        get_source("clock", device="cuda").enroll()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU and nvcc; CI has none")
+def test_cuda_clock_reproduces():
+    src = get_source("clock", device="cuda", enroll_profiles=4)
+    e = src.enroll()
+    assert src.reproduce(e.helper) == e.material
