@@ -1,0 +1,45 @@
+"""The new sources through the public verbs: enroll -> lock -> unlock on this device, and on another."""
+
+import warnings
+
+import pytest
+import torch
+
+import chiplock
+from chiplock.errors import FingerprintError
+from chiplock.keys.kdf import INSECURE_FAST, KdfParams
+
+
+@pytest.fixture()
+def weights():
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g)}
+
+
+def test_simulated_sram_locks_and_unlocks_without_a_profile(tmp_path, weights, monkeypatch):
+    monkeypatch.delenv("CHIPLOCK_SRAM_DUMP", raising=False)
+    profile = chiplock.enroll(("sram",), options={"sram": {"simulate": "board-7", "noise": 0.1}})
+    assert profile.entropy_bits() >= 128
+    path = tmp_path / "m.chiplock"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # >= 128 bits after leakage: no low-entropy warning
+        chiplock.lock(weights, path, profile, transform="aes", kdf=KdfParams(**INSECURE_FAST))
+    assert b"board-7" not in path.read_bytes()
+    monkeypatch.setenv("CHIPLOCK_SRAM_SIM_DEVICE", "board-7")
+    out = chiplock.unlock(path)
+    assert all(torch.equal(out[k], weights[k]) for k in weights)
+    monkeypatch.setenv("CHIPLOCK_SRAM_SIM_DEVICE", "board-8")
+    with pytest.raises(FingerprintError, match="not the enrolled device"):
+        chiplock.unlock(path)
+    monkeypatch.delenv("CHIPLOCK_SRAM_SIM_DEVICE")
+    with pytest.raises(FingerprintError, match="CHIPLOCK_SRAM_SIM_DEVICE"):
+        chiplock.unlock(path)
+
+
+def test_low_entropy_clock_profile_warns(tmp_path, weights):
+    from chiplock.fingerprint.base import Enrollment
+    from chiplock.profile import DeviceProfile
+
+    profile = DeviceProfile(enrollments=(Enrollment("clock", {}, b"m" * 32, 6.4),))
+    with pytest.warns(UserWarning, match="6.4 bits"):
+        chiplock.lock(weights, tmp_path / "c.chiplock", profile, transform="aes", kdf=KdfParams(**INSECURE_FAST))
