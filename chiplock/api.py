@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 import chiplock
 from chiplock._io import atomic_writer
-from chiplock.container.format import (FORMAT_NAME, FORMAT_VERSION, NUMPY_CODE_NAMES, build_header, canonical,
+from chiplock.container.format import (FORMAT_NAME, FORMAT_VERSION, build_header, canonical,
                                        header_digest, map_tensors, read_header, tree_digest)
 from chiplock.errors import ContainerError, InvalidKey, InvalidTag, ProfileError, UnsupportedConfig
 from chiplock.fingerprint import get_source
@@ -139,7 +139,7 @@ def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str 
     for i, (name, t) in enumerate(tensors.items()):
         check_dtype(t.dtype)
         enc = tf.encode(t.detach().cpu(), subkey(master, f"tensor/{tf.name}", name))
-        stored_dtype = NUMPY_CODE_NAMES.get(enc.data.dtype, DTYPE_NAMES[t.dtype])
+        stored_dtype = enc.stored_dtype or DTYPE_NAMES[t.dtype]
         data = enc.data.reshape(-1).view(np.uint8)
         meta["tensors"][name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "params": enc.params,
                                  "digest": tree_digest(data)}
@@ -227,7 +227,7 @@ def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret
             progress("verify", i + 1, len(stored))
     master = _master_key(_device_materials(meta, profile), secret, KdfParams.from_json(meta["kdf"]))
     if tf.detects_wrong_key:
-        if not hmac.compare_digest(str(meta.get("key_check")), _key_check(master)):
+        if not hmac.compare_digest(str(meta.get("key_check")).encode(), _key_check(master).encode()):
             raise InvalidKey("this file was locked for another device (or another vendor secret); it cannot be "
                              "unlocked here: ask the vendor for a file locked to this device")
     out: dict[str, torch.Tensor] = {}
@@ -238,7 +238,11 @@ def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret
             raise UnsupportedConfig(f"tensor {st.name!r} has dtype {info['dtype']!r}, unknown to this chiplock; "
                                     "upgrade chiplock")
         key = subkey(master, f"tensor/{tf.name}", st.name)
-        out[st.name] = tf.decode(st.data, info["params"], key, dtype, tuple(info["shape"]))
+        try:
+            out[st.name] = tf.decode(st.data, info["params"], key, dtype, tuple(info["shape"]))
+        except (KeyError, TypeError, ValueError):
+            raise ContainerError(f"the public parameters of tensor {st.name!r} are malformed; the file is "
+                                 "damaged: obtain a fresh copy") from None
         if progress:
             progress("unlock", i + 1, len(stored))
     return out

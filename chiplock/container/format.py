@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ FORMAT_NAME = "chiplock"
 FORMAT_VERSION = 1
 MAX_HEADER = 100 << 20
 TREE_CHUNK = 4 << 20
+MAX_ELEMENTS = 1 << 48
 
 #: Stored dtypes the reader accepts (safetensors spelling) -> item size in bytes.
 STORED_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -111,22 +113,52 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
     for name, entry in _tensor_entries(header):
         if entry["dtype"] not in STORED_DTYPES or entry["data_offsets"][0] != offset:
             raise _fail(f"tensor entry {name!r} is malformed")
-        numel = int(np.prod(entry["shape"], dtype=np.int64))
+        numel = math.prod(entry["shape"])
         if entry["data_offsets"][1] - offset != numel * STORED_DTYPES[entry["dtype"]]:
             raise _fail(f"tensor entry {name!r} has a size that does not match its shape")
         offset = entry["data_offsets"][1]
     if 8 + n + offset != size:
         raise _fail("the file is truncated or has trailing bytes")
-    if set(meta.get("tensors", {})) != {name for name, _ in _tensor_entries(header)}:
-        raise _fail("the metadata and the stored tensors disagree")
+    _check_metadata(meta, dict(_tensor_entries(header)))
     return meta, header, 8 + n
+
+
+def _check_metadata(meta: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
+    """Types and cross-checks of the chiplock metadata against the stored entries.
+
+    The header digest only detects accidents: anyone can rewrite an unsigned file's metadata and recompute it,
+    so nothing in the metadata is trusted before it is checked here.
+    """
+    ok = (isinstance(meta.get("transform"), str) and isinstance(meta.get("kdf"), dict)
+          and isinstance(meta.get("sources"), list) and meta["sources"]
+          and all(isinstance(x, dict) and isinstance(x.get("source"), str) and isinstance(x.get("helper"), dict)
+                  for x in meta["sources"])
+          and isinstance(meta.get("secret"), bool) and isinstance(meta.get("tensors"), dict))
+    if not ok:
+        raise _fail("the chiplock metadata is malformed")
+    if set(meta["tensors"]) != set(entries):
+        raise _fail("the metadata and the stored tensors disagree")
+    for name, info in meta["tensors"].items():
+        entry = entries[name]
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in STORED_DTYPES
+                and isinstance(info.get("params"), dict)
+                and isinstance(info.get("digest"), str) and info.get("shape") == entry["shape"]):
+            raise _fail(f"the metadata of tensor {name!r} is malformed or disagrees with the stored tensor")
+        if meta["transform"] == "pre-aes":
+            expected = min(2 * STORED_DTYPES[info["dtype"]], 8)
+            if entry["dtype"] not in ("U16", "U32", "U64") or STORED_DTYPES[entry["dtype"]] != expected:
+                raise _fail(f"tensor {name!r} is stored with a code width that does not match its dtype")
+        elif entry["dtype"] != info["dtype"]:
+            raise _fail(f"tensor {name!r} is stored with another dtype than its metadata says")
 
 
 def _tensor_entries(header: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
     for name, entry in entries:
-        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
-                and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+                and isinstance(entry.get("shape"), list)
+                and all(type(d) is int and 0 <= d < MAX_ELEMENTS for d in entry["shape"])
+                and math.prod(entry["shape"]) < MAX_ELEMENTS
                 and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
                 and all(isinstance(o, int) for o in entry["data_offsets"])):
             raise _fail(f"tensor entry {name!r} is malformed")

@@ -18,6 +18,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from chiplock.errors import AlreadyFinalized, ContainerError, InvalidKey
 
 KEY_LEN = 32
+MAX_ITERATIONS = 1000
+MAX_LANES = 64
+MAX_MEMORY_KIB = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,23 @@ class KdfParams:
 
     @classmethod
     def from_json(cls, d: dict) -> KdfParams:
+        if not isinstance(d, dict):
+            raise ContainerError("the file's key-derivation parameters are malformed; the file is damaged: "
+                                 "obtain a fresh copy")
         try:
             if d.get("algorithm") != "argon2id":
                 raise ContainerError(f"unsupported KDF {d.get('algorithm')!r}; upgrade chiplock")
-            return cls(salt=bytes.fromhex(d["salt"]), iterations=int(d["iterations"]), lanes=int(d["lanes"]),
-                       memory_kib=int(d["memory_kib"]), version=int(d.get("version", 1)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ContainerError(f"the file's key-derivation parameters are malformed ({exc}); "
+            params = cls(salt=bytes.fromhex(d["salt"]), iterations=int(d["iterations"]), lanes=int(d["lanes"]),
+                         memory_kib=int(d["memory_kib"]), version=int(d.get("version", 1)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ContainerError(f"the file's key-derivation parameters are malformed ({type(exc).__name__}); "
                                  "the file is damaged: obtain a fresh copy") from None
+        # Caps keep a crafted file from asking for hours of work or many GiB of memory.
+        if params.iterations > MAX_ITERATIONS or params.lanes > MAX_LANES or params.memory_kib > MAX_MEMORY_KIB:
+            raise ContainerError(f"the file asks for Argon2id cost beyond chiplock's caps (iterations <= "
+                                 f"{MAX_ITERATIONS}, lanes <= {MAX_LANES}, memory <= {MAX_MEMORY_KIB >> 20} GiB); "
+                                 "refusing it: obtain a file from the vendor")
+        return params
 
 
 #: Fast parameters for tests and examples only: they make guessing cheap.

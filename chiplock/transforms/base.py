@@ -63,6 +63,8 @@ def check_dtype(dtype: torch.dtype) -> None:
 def raw_view(t: torch.Tensor) -> np.ndarray:
     """Flat unsigned-integer numpy view of ``t``'s bits (a copy only if ``t`` is not contiguous)."""
     check_dtype(t.dtype)
+    if t.numel() == 0:
+        return np.zeros(0, dtype=DTYPES[t.dtype][0])
     flat = t.detach().cpu().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().view(DTYPES[t.dtype][0])
 
@@ -116,6 +118,8 @@ class Encoded:
 
     data: np.ndarray
     params: dict[str, Any]
+    #: safetensors dtype name of ``data`` when it differs from the tensor's own dtype (pre-aes codes).
+    stored_dtype: str | None = None
 
 
 class Transform(abc.ABC):

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from chiplock.errors import ContainerError
+from chiplock.container.format import NUMPY_CODE_NAMES
 from chiplock.transforms.base import (DTYPES, Encoded, Transform, aes_ctr_into, empty_raw, parallel_for,
                                       raw_view, register_transform)
 
@@ -132,6 +133,8 @@ class _Codec:
         bad = (self.slot_count[k] == 0) | (self.decode(code) != u)
         if bad.any():
             code[bad] = np.uint64((self.M * self.S) % (1 << 64)) + (u[bad] - np.uint64(self.lo))
+            if np.any(self.decode(code[bad]) != u[bad]):
+                raise RuntimeError("pre-aes could not encode a value exactly; please report this as a bug")
         return code.astype(self.cdtype)
 
 
@@ -168,12 +171,13 @@ def _small_bounds(t: torch.Tensor) -> torch.Tensor:
     if t.dtype.is_floating_point:
         finite = t[torch.isfinite(t)].double()
         m = finite.abs().max().item() if finite.numel() else 1.0
-        e = 2.0 ** math.ceil(math.log2(m)) if m > 0 else 1.0
-        bound = min(e, torch.finfo(t.dtype).max)
+        fmax = torch.finfo(t.dtype).max
+        bound = min(2.0 ** math.frexp(m)[1], fmax) if 0 < m < fmax / 2 else (1.0 if m == 0 else fmax)
         return torch.tensor([-bound, bound], dtype=torch.float64).to(t.dtype)
     info = torch.iinfo(t.dtype)
-    m = t.abs().max().item() if t.numel() else 0
-    e = 1 << max(int(m).bit_length(), 1)
+    # Python ints: abs() of the dtype's minimum would wrap around in the tensor's own dtype.
+    m = max(abs(int(t.min())), abs(int(t.max()))) if t.numel() else 0
+    e = 1 << max(m.bit_length(), 1)
     return torch.tensor([max(-e, info.min), min(e - 1, info.max)], dtype=t.dtype)
 
 
@@ -213,7 +217,7 @@ class PreAesTransform(Transform):
         aes_ctr_into(key, nonce, codes.view(np.uint8), out.view(np.uint8))
         params = {"breaks": raw_view(breaks).tobytes().hex(), "nonfinite": nonfinite, "nonce": nonce.hex(),
                   "mode": "raw" if codec.raw else "model"}
-        return Encoded(out, params)
+        return Encoded(out, params, stored_dtype=NUMPY_CODE_NAMES[np.dtype(codec.cdtype)])
 
     def decode(self, stored: np.ndarray, params: dict[str, Any], key: bytes, dtype: torch.dtype,
                shape: tuple[int, ...]) -> torch.Tensor:
