@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from chiplock.errors import ContainerError
+from chiplock.transforms import _pre_aes_kernel as _kernel
 from chiplock.container.format import NUMPY_CODE_NAMES
 from chiplock.transforms.base import (DTYPES, Encoded, Transform, aes_ctr_into, empty_raw, parallel_for,
                                       raw_view, register_transform)
@@ -102,7 +103,18 @@ class _Codec:
         return order_key(t.numpy().view(self.udtype), self.kind, self.w).astype(np.uint64)
 
     def decode(self, code: np.ndarray) -> np.ndarray:
-        """Order keys (uint64) for ``code``; total: every code decodes."""
+        """Order keys (uint64) for ``code``; total: every code decodes. Compiled where the dtype allows."""
+        fmt = _KERNEL_FMT.get(self.dtype, _kernel.FMT_INT if self.kind != "float" else None)
+        if self.raw or fmt is None:
+            return self.decode_reference(code)
+        out = np.empty(code.size, dtype=np.uint64)
+        _kernel.decode_into(code, out, self.shift, self.M, self.S, np.uint64((self.M * self.S) % (1 << 64)),
+                            np.uint64(self.lo), np.uint64(self.R % (1 << 64)), self.table, self.slot_start,
+                            self.slot_count, self.pos_lo, self.width, self.U, fmt, self.w)
+        return out
+
+    def decode_reference(self, code: np.ndarray) -> np.ndarray:
+        """The numpy definition of :meth:`decode` (the compiled kernel must agree with it bit for bit)."""
         code = code.astype(np.uint64, copy=False)
         if self.raw:
             return code
@@ -136,6 +148,10 @@ class _Codec:
             if np.any(self.decode(code[bad]) != u[bad]):
                 raise RuntimeError("pre-aes could not encode a value exactly; please report this as a bug")
         return code.astype(self.cdtype)
+
+
+_KERNEL_FMT = {torch.float32: _kernel.FMT_F32, torch.float16: _kernel.FMT_F16, torch.bfloat16: _kernel.FMT_BF16}
+_KIND_CODES = {"uint": 0, "int": 1, "float": 2}
 
 
 def _torch_int(w: int) -> torch.dtype:
@@ -239,7 +255,7 @@ class PreAesTransform(Transform):
         def work(a: int, b: int) -> None:
             codes = np.empty(b - a, dtype=codec.cdtype)
             aes_ctr_into(key, nonce, stored[a * itemsize:b * itemsize], codes.view(np.uint8), a * itemsize)
-            raw[a:b] = from_order_key(codec.decode(codes).astype(udtype), codec.kind, codec.w)
+            _kernel.from_order_key_into(codec.decode(codes), raw[a:b], _KIND_CODES[codec.kind], codec.w)
 
         parallel_for(raw.size, _CHUNK, work)
         return out

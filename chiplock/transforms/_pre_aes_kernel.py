@@ -1,0 +1,96 @@
+"""Compiled (numba) decoder of pre-aes codes: the same arithmetic as the numpy reference, fused per element.
+
+Every operation here is IEEE: float64 -> float32 casts round to nearest even, no fast-math, so LLVM neither
+fuses multiply-add nor reorders, and the result is the same on every machine. The numpy reference in
+``pre_aes._Codec.decode_reference`` is kept for tests, which check both agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+#: Output formats the kernel rounds to.
+FMT_INT, FMT_F32, FMT_F16, FMT_BF16 = 0, 1, 2, 3
+
+
+@njit(cache=True, nogil=True)
+def _f32_to_f16_bits(x: np.uint32) -> np.uint64:
+    sign = np.uint64((x >> np.uint32(16)) & np.uint32(0x8000))
+    exp = np.int64((x >> np.uint32(23)) & np.uint32(0xFF))
+    man = np.int64(x & np.uint32(0x7FFFFF))
+    if exp == 0xFF:
+        return sign | np.uint64(0x7C00) | (np.uint64(0x200) if man else np.uint64(0))
+    e = exp - 127 + 15
+    if e >= 31:
+        return sign | np.uint64(0x7C00)
+    if e <= 0:
+        if e < -10:
+            return sign
+        man = man | 0x800000
+        shift = 14 - e
+        half = man >> shift
+        rem = man & ((1 << shift) - 1)
+        mid = 1 << (shift - 1)
+        if rem > mid or (rem == mid and (half & 1)):
+            half += 1
+        return sign | np.uint64(half)
+    half = (e << 10) | (man >> 13)
+    rem = man & 0x1FFF
+    if rem > 0x1000 or (rem == 0x1000 and (half & 1)):
+        half += 1
+    return sign | np.uint64(half)
+
+
+@njit(cache=True, nogil=True)
+def decode_into(code, out_u, shift, m_slots, s_codes, escape_base, lo, r, table, slot_start, slot_count,
+                pos_lo, width, u_breaks, fmt, w):
+    """Order keys of ``code`` into ``out_u`` (uint64). Mirrors ``_Codec.decode_reference`` exactly."""
+    sign = np.uint64(1) << np.uint64(w - 1)
+    scratch = np.empty(1, np.float32)
+    scratch_bits = scratch.view(np.uint32)
+    sf = np.float64(s_codes)
+    for i in range(code.size):
+        c = np.uint64(code[i])
+        slot = np.int64(c >> shift)
+        if slot >= m_slots:
+            out_u[i] = lo + (c - escape_base) % r
+            continue
+        k = table[slot]
+        offset = c - (np.uint64(slot_start[k]) << shift)
+        t = np.float64(offset) / (np.float64(slot_count[k]) * sf)
+        pos = pos_lo[k] + t * width[k]
+        if fmt == FMT_INT:
+            u = np.uint64(np.rint(pos)) + u_breaks[0]
+        else:
+            scratch[0] = np.float32(pos)
+            b32 = scratch_bits[0]
+            if fmt == FMT_F32:
+                bits = np.uint64(b32)
+            elif fmt == FMT_F16:
+                bits = _f32_to_f16_bits(b32)
+            else:
+                bits = np.uint64((b32 + np.uint32(0x7FFF) + ((b32 >> np.uint32(16)) & np.uint32(1)))
+                                 >> np.uint32(16))
+            if bits & sign:
+                u = ~bits & ((sign << np.uint64(1)) - np.uint64(1))
+            else:
+                u = bits | sign
+        lo_k, hi_k = u_breaks[k], u_breaks[k + 1]
+        out_u[i] = lo_k if u < lo_k else (hi_k if u > hi_k else u)
+
+
+@njit(cache=True, nogil=True)
+def from_order_key_into(u, out_bits, kind, w):
+    """Bits of the values whose order keys are ``u``: kind 2 float (offset binary -> sign-magnitude),
+    1 signed int (flip the sign bit), 0 unsigned (as is)."""
+    sign = np.uint64(1) << np.uint64(w - 1)
+    mask = (sign << np.uint64(1)) - np.uint64(1)
+    for i in range(u.size):
+        x = u[i]
+        if kind == 2:
+            out_bits[i] = (x ^ sign) if (x & sign) else (~x & mask)
+        elif kind == 1:
+            out_bits[i] = x ^ sign
+        else:
+            out_bits[i] = x
