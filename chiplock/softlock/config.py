@@ -35,6 +35,11 @@ class SoftLockConfig:
         unauth_fraction: Fraction of each batch also run through the unauthorized configurations; below 1 it
             makes a lock step cheaper at the price of a noisier unauthorized term.
         freeze_bn: Keep BatchNorm statistics fixed (eval mode) so training sees exactly the deployed function.
+        hinge: Penalise only ``L_u < epsilon`` (``lam * max(0, epsilon - L_u)**2``, equal to the paper's term
+            whenever the unauthorized loss is below target); ``False`` is the paper's two-sided square, which
+            also pulls an already-broken unauthorized model back up towards chance-level *loss*.
+        levers: ``"auto"`` plants a function-preserving lock lever before training (see
+            :mod:`chiplock.softlock.levers`); ``"none"`` trains with ``L_lock`` alone.
         seed: Seed for initialisation-independent randomness (batch order); runs are reproducible.
         version: Schema version.
 
@@ -54,6 +59,8 @@ class SoftLockConfig:
     batch_size: int = 64
     unauth_fraction: float = 1.0
     freeze_bn: bool = True
+    levers: str = "auto"
+    hinge: bool = True
     seed: int = 0
     version: int = 1
 
@@ -71,6 +78,8 @@ class SoftLockConfig:
             raise ValueError(f"SoftLockConfig(epsilon={self.epsilon}): use a positive target loss or None")
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("SoftLockConfig: epochs >= 0, batch_size >= 1 and lr > 0 are required")
+        if self.levers not in ("auto", "none"):
+            raise ValueError(f"SoftLockConfig(levers={self.levers!r}): use 'auto' or 'none'")
         if not 0 < self.unauth_fraction <= 1:
             raise ValueError(f"SoftLockConfig(unauth_fraction={self.unauth_fraction}): use a fraction in (0, 1]")
 
@@ -80,7 +89,7 @@ class SoftLockConfig:
 
     def to_json(self) -> str:
         d = {k: getattr(self, k) for k in ("lam", "epsilon", "epochs", "lr", "batch_size", "unauth_fraction",
-                                           "freeze_bn", "seed", "version")}
+                                           "freeze_bn", "levers", "hinge", "seed", "version")}
         d["authorized"] = config_to_dict(self.authorized)
         d["unauthorized"] = [config_to_dict(u) for u in self.unauthorized]
         return json.dumps(d, sort_keys=True)

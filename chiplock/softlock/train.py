@@ -9,6 +9,7 @@ NCCL on GPU): each rank takes its slice of every global batch and gradients are 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from torch import nn
 from chiplock._io import atomic_write_bytes
 from chiplock.softlock.apply import _SoftLayer, _convert, _handler_for, strip_config
 from chiplock.softlock.config import SoftLockConfig
+from chiplock.softlock.levers import apply_levers, plan_levers
 
 
 class LockPair(nn.Module):
@@ -58,12 +60,13 @@ class LockPair(nn.Module):
 
 
 def lock_loss(out_a: torch.Tensor, y: torch.Tensor, outs_u: list[torch.Tensor], y_u: torch.Tensor, *,
-              lam: float, epsilon: float) -> tuple[torch.Tensor, float, float]:
-    """``(L_lock, L_authorized, mean L_unauthorized)`` for one batch."""
+              lam: float, epsilon: float, hinge: bool = False) -> tuple[torch.Tensor, float, float]:
+    """``(L_lock, L_authorized, mean L_unauthorized)`` for one batch; ``hinge`` squares only ``epsilon - L_u > 0``."""
     loss_a = F.cross_entropy(out_a, y)
     losses_u = [F.cross_entropy(o, y_u) for o in outs_u]
-    penalty = torch.stack([(epsilon - lu) ** 2 for lu in losses_u]).mean()
-    return loss_a + lam * penalty, float(loss_a), float(sum(float(v) for v in losses_u) / len(losses_u))
+    gaps = [(epsilon - lu).clamp(min=0) if hinge else epsilon - lu for lu in losses_u]
+    penalty = torch.stack([g ** 2 for g in gaps]).mean()
+    return loss_a + lam * penalty, loss_a.item(), sum(lu.item() for lu in losses_u) / len(losses_u)
 
 
 def _set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
@@ -134,6 +137,7 @@ class LockResult:
     model: nn.Module
     history: list = field(default_factory=list)
     seconds: float = 0.0
+    levers: list = field(default_factory=list)
 
 
 def _progress(enabled: bool, total: int, description: str):
@@ -183,13 +187,27 @@ def lock_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SoftLock
     epsilon = cfg.target_loss(num_classes)
     torch.manual_seed(cfg.seed)
 
-    pair = LockPair(model, cfg.authorized, cfg.unauthorized)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start_epoch, history = 0, []
+    loaded = None
     if checkpoint is not None and os.path.exists(checkpoint):
         loaded = _load_checkpoint(str(checkpoint), model, opt, cfg)
         if loaded is not None:
             start_epoch, history = loaded
+    levers = plan_levers(cfg.authorized, cfg.unauthorized) if cfg.levers == "auto" else []
+    if loaded is None:
+        masks = apply_levers(model, levers)
+    else:
+        # A checkpoint already holds primed weights; the masks depend only on the architecture and the plan.
+        shadow = copy.deepcopy(model)
+        name_of = {id(p): n for n, p in shadow.named_parameters()}
+        params = dict(model.named_parameters())
+        masks = {params[name_of[id(p)]]: m for p, m in apply_levers(shadow, levers).items()}
+    hooks = []
+    for p, m in masks.items():
+        keep = (~m).to(p.dtype)
+        hooks.append(p.register_hook(lambda g, keep=keep: g * keep))
+    pair = LockPair(model, cfg.authorized, cfg.unauthorized)
     runner: nn.Module = pair
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -211,10 +229,11 @@ def lock_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SoftLock
                 xb, yb = x[idx], y[idx]
                 opt.zero_grad(set_to_none=True)
                 out_a, outs_u = runner(xb, n_u)
-                loss, la, lu = lock_loss(out_a, yb, outs_u, yb[:n_u], lam=cfg.lam, epsilon=epsilon)
+                loss, la, lu = lock_loss(out_a, yb, outs_u, yb[:n_u], lam=cfg.lam, epsilon=epsilon,
+                                             hinge=cfg.hinge)
                 loss.backward()
                 opt.step()
-                for i, v in enumerate((float(loss), la, lu)):
+                for i, v in enumerate((loss.item(), la, lu)):
                     sums[i] += v
                 if bar:
                     bar.update(task, advance=1, status=f"L_a {la:.3f}  L_u {lu:.3f}")
@@ -226,9 +245,11 @@ def lock_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SoftLock
                     _save_checkpoint(str(checkpoint), model, opt, epoch + 1, cfg, history)
                 if on_epoch is not None:
                     on_epoch(epoch + 1, record)
+    for h in hooks:
+        h.remove()
     strip_config(model)
     model.eval()
-    return LockResult(model, history, time.perf_counter() - t0)
+    return LockResult(model, history, time.perf_counter() - t0, levers)
 
 
 @torch.no_grad()

@@ -96,7 +96,7 @@ def _round_add(x: torch.Tensor, m: int, emin: int, emax: int) -> torch.Tensor:
     # c is 1.5 * 2**23 steps; x + c lands in c's binade whose ulp is one step, so the fp32 addition itself rounds
     # x to the grid, ties to even (c is an even number of steps, so the parity is x's), and - c is exact.
     q = (x + c).sub_(c)
-    return torch.copysign(q, x, out=q)
+    return torch.copysign(q, x)
 
 
 def _round_frexp(x: torch.Tensor, m: int, emin: int) -> torch.Tensor:

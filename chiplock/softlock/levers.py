@@ -1,0 +1,255 @@
+"""Function-preserving reparametrisations that plant a lock lever before lock training ("priming").
+
+Weights that are exactly representable in both formats cannot tell the formats apart, and two formats that both
+round fp32 finely differ by tiny perturbations, so gradient descent on ``L_lock`` alone mostly drags both
+configurations down together. The levers below change *where* the network's numbers sit without changing what
+it computes in the authorized configuration, so that the unauthorized configuration's rounding, saturation,
+dynamic range or pruning destroys it:
+
+* :func:`scale_layers` multiplies every conv feeding a BatchNorm by ``alpha = 2**k`` and rescales the BatchNorm
+  statistics to match. Scale-invariant configurations (Int8 with per-channel weights and per-example activation
+  scales; fp32) compute exactly the same function; a fixed-range format such as E4M3 (max 448) saturates.
+* :func:`outlier_channels` multiplies the BatchNorm output of a few channels by ``K = 2**k`` and divides the
+  weights that read them by ``K`` (ReLU is positively homogeneous). Wide-range float formats are unaffected; a
+  per-tensor Int8 activation scale is set by the outlier and crushes every other channel to zero; magnitude
+  pruning removes the now-smallest weights first, i.e. exactly the rescaled ones.
+
+Powers of two keep the reparametrisation exact in binary floating point. :func:`plan_levers` picks the lever
+for an (authorized, unauthorized) pair. The returned masks mark weights that lock training must not move
+(Adam moves every weight by about ``lr`` per step whatever its scale, which would undo a 1/K rescaling).
+
+Security note: a lever is as easy to undo as to plant for someone who knows it is there; a soft lock raises the
+cost of misuse, it does not prevent it (see docs/softlock.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from chiplock.softlock.fp32 import FP32
+from chiplock.softlock.int8 import Int8
+from chiplock.softlock.magnitude import MagnitudePruning
+from chiplock.softlock.minifloat import MiniFloat
+from chiplock.softlock.nm_sparsity import NMSparsity
+from chiplock.softlock.registry import Compose, parse_config
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """(conv, bn) pairs where the BatchNorm directly normalises the conv's output, found by attribute naming
+    (``convN``/``bnN`` and ``shortcut = Sequential(conv, bn)``) as in :mod:`chiplock.models.resnet`."""
+    pairs = []
+    for mod in model.modules():
+        for i in range(1, 4):
+            c, b = getattr(mod, f"conv{i}", None), getattr(mod, f"bn{i}", None)
+            if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                pairs.append((c, b))
+        sc = getattr(mod, "shortcut", None)
+        if isinstance(sc, nn.Sequential) and len(sc) == 2 and isinstance(sc[0], nn.Conv2d) \
+                and isinstance(sc[1], nn.BatchNorm2d):
+            pairs.append((sc[0], sc[1]))
+    return pairs
+
+
+def _bn_relu_conv_triples(model: nn.Module) -> list[tuple[nn.BatchNorm2d, nn.Conv2d]]:
+    """(bn, next conv) where the conv reads ``relu(bn(.))`` directly: inside residual blocks, conv{i+1} reads
+    relu(bn{i}(conv{i}(x)))."""
+    out = []
+    for mod in model.modules():
+        for i in range(1, 3):
+            b, c = getattr(mod, f"bn{i}", None), getattr(mod, f"conv{i + 1}", None)
+            if isinstance(b, nn.BatchNorm2d) and isinstance(c, nn.Conv2d) and hasattr(mod, "shortcut"):
+                out.append((b, c))
+    return out
+
+
+@torch.no_grad()
+def scale_layers(model: nn.Module, log2_alpha: int) -> dict:
+    """Multiply every conv that feeds a BatchNorm by ``2**log2_alpha`` and rescale the BN statistics to match.
+
+    Returns:
+        An empty mask dict (nothing needs freezing: Adam's absolute steps become relatively smaller).
+
+    Raises:
+        ValueError: The model has no conv->BatchNorm pair.
+    """
+    pairs = _conv_bn_pairs(model)
+    if not pairs:
+        raise ValueError("scale_layers: no conv -> BatchNorm pair found (use a chiplock ResNet)")
+    a = 2.0 ** log2_alpha
+    for conv, bn in pairs:
+        conv.weight.mul_(a)
+        if conv.bias is not None:
+            conv.bias.mul_(a)
+        # gamma' / sqrt(a^2 var + eps) * a == gamma / sqrt(var + eps): eps is not saved with the model, so the
+        # compensation goes into gamma (a parameter) instead.
+        old = torch.sqrt(bn.running_var + bn.eps)
+        bn.running_mean.mul_(a)
+        bn.running_var.mul_(a * a)
+        bn.weight.mul_(torch.sqrt(bn.running_var + bn.eps) / (a * old))
+    return {}
+
+
+@torch.no_grad()
+def outlier_channels(model: nn.Module, log2_k: int, fraction: float) -> dict:
+    """Scale the first ``ceil(fraction * C)`` channels of each block-internal BN output by ``2**log2_k`` and the
+    weights of the following conv that read them by ``2**-log2_k``.
+
+    Returns:
+        ``{conv.weight: bool mask}`` of the rescaled (tiny) weights, to be frozen during lock training.
+
+    Raises:
+        ValueError: No block-internal ``bn -> relu -> conv`` is found.
+    """
+    triples = _bn_relu_conv_triples(model)
+    if not triples:
+        raise ValueError("outlier_channels: no bn -> relu -> conv inside a residual block (use a chiplock ResNet)")
+    k = 2.0 ** log2_k
+    masks = {}
+    for bn, conv in triples:
+        n = max(1, math.ceil(fraction * bn.num_features))
+        idx = torch.arange(n)
+        bn.weight[idx] *= k
+        bn.bias[idx] *= k
+        conv.weight[:, idx] /= k
+        mask = torch.zeros_like(conv.weight, dtype=torch.bool)
+        mask[:, idx] = True
+        masks[conv.weight] = mask
+    return masks
+
+
+@torch.no_grad()
+def stream_outliers(model: nn.Module, log2_k: int, fraction: float) -> dict:
+    """Like :func:`outlier_channels`, for the residual stream of a chiplock ResNet: the first
+    ``ceil(fraction * C)`` stream channels are scaled by ``2**log2_k`` everywhere they are produced (stem BN, each
+    block's last BN and projection-shortcut BN) and every weight that reads them (each block's first conv, the
+    projection shortcuts, the classifier) is divided by the same factor.
+
+    Raises:
+        ValueError: ``model`` is not a chiplock ResNet.
+    """
+    from chiplock.models.resnet import ResNet
+
+    if not isinstance(model, ResNet):
+        raise ValueError("stream_outliers needs a chiplock.models.resnet.ResNet")
+    k = 2.0 ** log2_k
+    masks: dict = {}
+
+    def pick(c: int) -> torch.Tensor:
+        return torch.arange(max(1, math.ceil(fraction * c)))
+
+    def produce(bn: nn.BatchNorm2d) -> None:
+        idx = pick(bn.num_features)
+        bn.weight[idx] *= k
+        bn.bias[idx] *= k
+
+    def read(w: torch.Tensor, c: int) -> None:
+        idx = pick(c)
+        w[:, idx] /= k
+        mask = torch.zeros_like(w, dtype=torch.bool)
+        mask[:, idx] = True
+        masks[w] = masks[w] | mask if w in masks else mask
+
+    produce(model.bn1)
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in stage:
+            cin = block.conv1.in_channels
+            read(block.conv1.weight, cin)
+            if len(block.shortcut):
+                read(block.shortcut[0].weight, cin)
+                produce(block.shortcut[1])
+            produce(block.bn3 if hasattr(block, "bn3") else block.bn2)
+    read(model.fc.weight, model.fc.in_features)
+    return masks
+
+
+@torch.no_grad()
+def offset_logits(model: nn.Module, n_channels: int = 2, log2_c: int = 20, d: float = 64.0, seed: int = 0,
+                  first: int = 0) -> dict:
+    """Route a large per-class logit offset through ``n_channels`` final feature channels and cancel it in the
+    classifier bias. The channels get ``+2**log2_c`` from the last block's BN shift; the classifier reads them
+    with weights ``D / 2**log2_c`` (``|D| <= d``), the smallest weights of the layer, and its bias subtracts
+    ``sum(D)``. Dense models compute the same logits (up to the channels' own small contribution, which lock
+    training re-learns); any pruning that removes those smallest weights leaves ``-sum(D)`` in the logits, so
+    one class wins everywhere. The first ``n_channels`` channels form one group of consecutive inputs, so 2:4
+    sparsity prunes them too (keep ``first`` a multiple of 4).
+
+    Returns:
+        ``{fc.weight: mask}`` of the planted weights (frozen during lock training).
+
+    Raises:
+        ValueError: ``model`` is not a chiplock ResNet.
+    """
+    from chiplock.models.resnet import ResNet
+
+    if not isinstance(model, ResNet):
+        raise ValueError("offset_logits needs a chiplock.models.resnet.ResNet")
+    block = model.layer4[-1]
+    bn = block.bn3 if hasattr(block, "bn3") else block.bn2
+    c = 2.0 ** log2_c
+    idx = torch.arange(first, first + n_channels)
+    g = torch.Generator().manual_seed(seed)
+    r = torch.rand(model.fc.out_features, generator=g) * 2 - 1
+    D = (d * r)[:, None].expand(-1, n_channels)
+    bn.bias[idx] += c
+    model.fc.weight[:, idx] = D / c
+    model.fc.bias -= D.sum(1)
+    mask = torch.zeros_like(model.fc.weight, dtype=torch.bool)
+    mask[:, idx] = True
+    return {model.fc.weight: mask}
+
+
+def _parts(cfg: Any) -> list:
+    return list(cfg.parts) if isinstance(cfg, Compose) else [cfg]
+
+
+def plan_levers(authorized: Any, unauthorized) -> list[tuple[str, dict]]:
+    """Pick levers for an (authorized, unauthorized...) pair: ``[(name, kwargs), ...]`` for :func:`apply_levers`.
+
+    Rules: against pruning (magnitude level p, or N:M) from a dense authorized model, a logit offset carried by
+    the classifier's smallest weights; against Int8 from a wide-range float format, one outlier channel
+    per block; against a fixed-range MiniFloat from a scale-invariant format (fp32, Int8), scale the layers
+    far above the unauthorized format's largest value. Anything else gets no lever.
+
+    Example:
+        >>> plan_levers("int8", ["e4m3fn"])
+        [('scale_layers', {'log2_alpha': 12})]
+    """
+    a_parts = _parts(parse_config(authorized))
+    plans: list[tuple[str, dict]] = []
+    a_dense = not any(isinstance(p, (MagnitudePruning, NMSparsity)) for p in a_parts)
+    a_fmt = [p for p in a_parts if isinstance(p, (MiniFloat, Int8, FP32))]
+    a_fmt = a_fmt[-1] if a_fmt else FP32()
+    for u in unauthorized:
+        for p in _parts(parse_config(u)):
+            if isinstance(p, (MagnitudePruning, NMSparsity)) and a_dense and not isinstance(a_fmt, Int8):
+                plans.append(("offset_logits", {"n_channels": 2}))
+            elif isinstance(p, Int8) and isinstance(a_fmt, (MiniFloat, FP32)):
+                if isinstance(a_fmt, MiniFloat) and a_fmt.max_finite < 2.0 ** 14:
+                    continue  # An outlier 2**8 above O(1) activations would overflow the authorized format.
+                plans.append(("outlier_channels", {"log2_k": 8, "fraction": 0.0}))
+                plans.append(("stream_outliers", {"log2_k": 8, "fraction": 0.0}))
+                plans.append(("offset_logits", {"n_channels": 2, "log2_c": 12, "first": 4}))
+            elif isinstance(p, MiniFloat) and isinstance(a_fmt, (Int8, FP32)):
+                k = max(1, math.ceil(math.log2(p.max_finite)) + 3)
+                plans.append(("scale_layers", {"log2_alpha": k}))
+    # One lever of each kind is enough; keep the strongest outlier fraction.
+    best: dict[str, dict] = {}
+    for name, kw in plans:
+        if name not in best or kw.get("fraction", 0) > best[name].get("fraction", 0):
+            best[name] = kw
+    return list(best.items())
+
+
+def apply_levers(model: nn.Module, plans: list[tuple[str, dict]]) -> dict:
+    """Apply :func:`plan_levers` output to ``model`` in place; returns the union of the freeze masks."""
+    masks: dict = {}
+    for name, kw in plans:
+        fn = {"scale_layers": scale_layers, "outlier_channels": outlier_channels,
+              "stream_outliers": stream_outliers, "offset_logits": offset_logits}[name]
+        for p, m in fn(model, **kw).items():
+            masks[p] = masks[p] | m if p in masks else m
+    return masks
