@@ -264,7 +264,7 @@ class ClockSource(FingerprintSource):
                                    "use the chiplock version that locked it")
         return gray(quantise(x, width, offset), np.asarray(helper["bits"]))
 
-    def reproduce(self, helper: dict[str, Any], *, attempts: int = 2) -> bytes:
+    def reproduce(self, helper: dict[str, Any], *, attempts: int = 3) -> bytes:
         fuzzy = helper.get("fuzzy") if isinstance(helper, dict) else None
         for attempt in range(attempts):
             try:
