@@ -79,11 +79,12 @@ class MiniFloat:
     def name(self) -> str:
         aliases = {(5, 10, 15, Variant.IEEE): "fp16", (8, 7, 127, Variant.IEEE): "bf16"}
         base = aliases.get((self.exp_bits, self.man_bits, self.bias, self.variant))
-        if base is None:
-            base = f"e{self.exp_bits}m{self.man_bits}" + ("fn" if self.variant == Variant.FN else "")
-            if self.bias != (1 << (self.exp_bits - 1)) - 1:
-                base += f"b{self.bias}"
-        return base
+        if base is not None and self.overflow == Overflow.INF:
+            return base  # The aliases name the hardware formats, which overflow to infinity.
+        base = f"e{self.exp_bits}m{self.man_bits}" + ("fn" if self.variant == Variant.FN else "")
+        if self.bias != (1 << (self.exp_bits - 1)) - 1:
+            base += f"b{self.bias}"
+        return base + ("-inf" if self.overflow == Overflow.INF else "")
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """Round ``x`` to this format (round-to-nearest-even, subnormals, the overflow policy), as fp32."""
