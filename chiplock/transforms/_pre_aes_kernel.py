@@ -43,10 +43,15 @@ def _f32_to_f16_bits(x: np.uint32) -> np.uint64:
 
 
 @njit(cache=True, nogil=True)
-def decode_into(code, out_u, shift, m_slots, s_codes, escape_base, lo, r, table, slot_start, slot_count,
-                pos_lo, width, u_breaks, fmt, w):
-    """Order keys of ``code`` into ``out_u`` (uint64). Mirrors ``_Codec.decode_reference`` exactly."""
+def decode_into(code, out_u, shift, m_slots, s_codes, escape_base, lo, r, table, ints, floats, fmt, w):
+    """Order keys of ``code`` into ``out_u`` (uint64). Mirrors ``_Codec.decode_reference`` exactly.
+
+    ``table[slot]`` is the interval holding a slot (int16: 128 KiB); ``ints[k] = (slot_start, slot_end, U_k, U_k+1)`` and
+    ``floats[k] = (pos_lo, width)`` keep each interval's numbers in one or two cache lines, because random
+    codes hit random intervals: memory latency and branch mispredictions, not arithmetic, bound this loop.
+    """
     sign = np.uint64(1) << np.uint64(w - 1)
+    low_bits = sign - np.uint64(1)
     scratch = np.empty(1, np.float32)
     scratch_bits = scratch.view(np.uint32)
     sf = np.float64(s_codes)
@@ -56,12 +61,13 @@ def decode_into(code, out_u, shift, m_slots, s_codes, escape_base, lo, r, table,
         if slot >= m_slots:
             out_u[i] = lo + (c - escape_base) % r
             continue
-        k = table[slot]
-        offset = c - (np.uint64(slot_start[k]) << shift)
-        t = np.float64(offset) / (np.float64(slot_count[k]) * sf)
-        pos = pos_lo[k] + t * width[k]
+        k = np.int64(table[slot])
+        start = ints[k, 0]
+        offset = c - (np.uint64(start) << shift)
+        t = np.float64(offset) / (np.float64(ints[k, 1] - start) * sf)
+        pos = floats[k, 0] + t * floats[k, 1]
         if fmt == FMT_INT:
-            u = np.uint64(np.rint(pos)) + u_breaks[0]
+            u = np.uint64(np.rint(pos)) + np.uint64(ints[0, 2])
         else:
             scratch[0] = np.float32(pos)
             b32 = scratch_bits[0]
@@ -72,12 +78,10 @@ def decode_into(code, out_u, shift, m_slots, s_codes, escape_base, lo, r, table,
             else:
                 bits = np.uint64((b32 + np.uint32(0x7FFF) + ((b32 >> np.uint32(16)) & np.uint32(1)))
                                  >> np.uint32(16))
-            if bits & sign:
-                u = ~bits & ((sign << np.uint64(1)) - np.uint64(1))
-            else:
-                u = bits | sign
-        lo_k, hi_k = u_breaks[k], u_breaks[k + 1]
-        out_u[i] = lo_k if u < lo_k else (hi_k if u > hi_k else u)
+            # Branch-free order key (random signs would mispredict): negative -> flip all w bits, else the sign.
+            negative = bits >> np.uint64(w - 1)
+            u = bits ^ (sign | ((np.uint64(0) - negative) & low_bits))
+        out_u[i] = min(max(u, np.uint64(ints[k, 2])), np.uint64(ints[k, 3]))
 
 
 @njit(cache=True, nogil=True)

@@ -86,6 +86,12 @@ class _Codec:
         self.table = np.repeat(np.arange(self.K, dtype=np.int32), self.slot_count)
         self.pos_lo = self._pos(self.U[:-1])
         self.width = self._pos(self.U[1:]) - self.pos_lo
+        # The compiled decoder's layout of the same numbers (order keys fit in int64: U < 2**64 only for
+        # 64-bit dtypes in model mode, whose span is < 2**56 and whose keys are stored as their bit pattern).
+        ints = np.stack([self.slot_start, self.slot_start + self.slot_count, self.U[:-1].view(np.int64),
+                         self.U[1:].view(np.int64)], axis=1)
+        self._kernel_tables = (self.table.astype(np.int16), np.ascontiguousarray(ints),
+                               np.ascontiguousarray(np.stack([self.pos_lo, self.width], axis=1)))
 
     # Positions are float64 coordinates that are linear in value: the value itself for floats, the offset from
     # the first breakpoint for integers (whose order key is already linear in value).
@@ -109,8 +115,7 @@ class _Codec:
             return self.decode_reference(code)
         out = np.empty(code.size, dtype=np.uint64)
         _kernel.decode_into(code, out, self.shift, self.M, self.S, np.uint64((self.M * self.S) % (1 << 64)),
-                            np.uint64(self.lo), np.uint64(self.R % (1 << 64)), self.table, self.slot_start,
-                            self.slot_count, self.pos_lo, self.width, self.U, fmt, self.w)
+                            np.uint64(self.lo), np.uint64(self.R % (1 << 64)), *self._kernel_tables, fmt, self.w)
         return out
 
     def decode_reference(self, code: np.ndarray) -> np.ndarray:
