@@ -64,10 +64,14 @@ def decode_into(code, out_u, shift, m_slots, s_codes, escape_base, lo, r, table,
         k = np.int64(table[slot])
         start = ints[k, 0]
         offset = c - (np.uint64(start) << shift)
-        t = np.float64(offset) / (np.float64(ints[k, 1] - start) * sf)
+        # uint64 -> float64 in two exact halves and one rounding (= the correctly rounded conversion); LLVM's
+        # direct unsigned conversion branches on the top bit, which random codes mispredict half the time.
+        off64 = (np.float64(np.int64(offset >> np.uint64(32))) * 4294967296.0
+                 + np.float64(np.int64(offset & np.uint64(0xFFFFFFFF))))
+        t = off64 / (np.float64(ints[k, 1] - start) * sf)
         pos = floats[k, 0] + t * floats[k, 1]
         if fmt == FMT_INT:
-            u = np.uint64(np.rint(pos)) + np.uint64(ints[0, 2])
+            u = np.uint64(np.int64(np.rint(pos))) + np.uint64(ints[0, 2])
         else:
             scratch[0] = np.float32(pos)
             b32 = scratch_bits[0]

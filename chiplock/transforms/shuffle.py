@@ -22,10 +22,10 @@ import torch
 from chiplock.errors import UnsupportedConfig
 from chiplock.transforms.base import Encoded, Transform, empty_raw, parallel_for, raw_view, register_transform
 
-FULL_MAX = 1 << 20
-BLOCK = 1 << 16
-POOL = 16
-_ROWS_PER_TASK = 64
+FULL_MAX = 1 << 16
+BLOCK = 1 << 14
+POOL = 4
+_ROWS_PER_TASK = 256
 
 
 class _Plan:
