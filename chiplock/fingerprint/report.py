@@ -149,6 +149,10 @@ def _plot(report: SourceReport, path: Path) -> None:
         im = ax.imshow(grid.reshape(rows, width), cmap="viridis_r", vmin=0.0, vmax=max(0.5, float(flips.max())),
                        aspect="auto", interpolation="nearest")
         fig.colorbar(im, ax=ax, label="flip rate")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("row")
         ax.set_xlabel(f"bit (row-major, {width} per row)")
     ax.set_title(f"{report.source}: per-bit reliability over {report.trials} trials")
     fig.tight_layout()
