@@ -40,6 +40,9 @@ def train(
     seed: int = typer.Option(0, help="Random seed."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file (resumed when it exists)."),
     max_train: Optional[int] = typer.Option(None, help="Use only the first N training images."),
+    levers: str = typer.Option("auto", help="auto: plant a function-preserving lock lever first; none: L_lock only."),
+    hinge: bool = typer.Option(True, help="Penalise only an unauthorized loss below epsilon (--no-hinge: paper's "
+                               "two-sided square)."),
     nproc: int = typer.Option(1, help="DDP processes (torchrun, gloo on CPU / NCCL on GPU)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -60,7 +63,8 @@ def train(
     spec = TrainSpec(out=str(out), authorized=authorized, unauthorized=tuple(unauthorized), data=data, arch=arch,
                      width=width, base=str(base), epochs=epochs, lam=lam, epsilon=epsilon, lr=lr,
                      batch_size=batch_size, unauth_fraction=unauth_fraction, seed=seed,
-                     checkpoint=None if checkpoint is None else str(checkpoint), max_train=max_train)
+                     checkpoint=None if checkpoint is None else str(checkpoint), max_train=max_train,
+                     levers=levers, hinge=hinge)
     if nproc > 1:
         _launch_ddp(spec, nproc, progress)
     else:

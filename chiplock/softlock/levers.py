@@ -246,8 +246,13 @@ def plan_levers(authorized: Any, unauthorized) -> list[tuple[str, dict]]:
 
 def apply_levers(model: nn.Module, plans: list[tuple[str, dict]]) -> dict:
     """Apply :func:`plan_levers` output to ``model`` in place; returns the union of the freeze masks."""
+    from chiplock.errors import UnsupportedConfig
+
     masks: dict = {}
     for name, kw in plans:
+        if not _conv_bn_pairs(model) or not hasattr(model, "fc"):
+            raise UnsupportedConfig(f"lock lever {name!r} needs a chiplock ResNet; train with levers='none' "
+                                    "(--levers none) for other architectures")
         fn = {"scale_layers": scale_layers, "outlier_channels": outlier_channels,
               "stream_outliers": stream_outliers, "offset_logits": offset_logits}[name]
         for p, m in fn(model, **kw).items():

@@ -51,12 +51,15 @@ class TrainSpec:
     seed: int = 0
     checkpoint: Optional[str] = None
     max_train: Optional[int] = None
+    levers: str = "auto"
+    hinge: bool = True
     version: int = 1
 
     def lock_config(self) -> SoftLockConfig:
         return SoftLockConfig(authorized=self.authorized, unauthorized=tuple(self.unauthorized), lam=self.lam,
                               epsilon=self.epsilon, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                              unauth_fraction=self.unauth_fraction, seed=self.seed)
+                              unauth_fraction=self.unauth_fraction, seed=self.seed, levers=self.levers,
+                              hinge=self.hinge)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
