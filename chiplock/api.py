@@ -19,6 +19,7 @@ from chiplock.container.format import (FORMAT_NAME, FORMAT_VERSION, build_header
                                        header_digest, map_tensors, read_header, tree_digest)
 from chiplock.errors import ContainerError, InvalidKey, InvalidTag, ProfileError, UnsupportedConfig
 from chiplock.fingerprint import get_source
+from chiplock.keys.combine import key_strength
 from chiplock.keys.kdf import KdfParams, MasterKDF, assemble_material, subkey
 from chiplock.profile import DeviceProfile
 from chiplock.transforms import DTYPE_BY_NAME, DTYPE_NAMES, get_transform
@@ -77,16 +78,9 @@ def _key_check(master: bytes) -> str:
 
 
 def _warn_entropy(profile: DeviceProfile, secret: bytes | None) -> None:
-    if secret is not None:
-        return
-    bits = profile.entropy_bits()
-    if bits is None:
-        warnings.warn("the key rests only on fingerprints whose entropy is not estimated "
-                      f"({', '.join(profile.sources)}) and no vendor secret: pass secret= to make guessing "
-                      "infeasible", LowEntropyWarning, stacklevel=3)
-    elif bits < MIN_ENTROPY_BITS:
-        warnings.warn(f"the key rests on about {bits:.1f} bits of estimated entropy (< {MIN_ENTROPY_BITS}) and no "
-                      "vendor secret: pass secret= or add a fingerprint source", LowEntropyWarning, stacklevel=3)
+    strength = key_strength(profile.enrollments, secret=secret, minimum=MIN_ENTROPY_BITS)
+    if not strength.sufficient:
+        warnings.warn(strength.message(), LowEntropyWarning, stacklevel=3)
 
 
 def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str | os.PathLike,

@@ -227,7 +227,7 @@ def test_secret_and_profile_types_are_checked(tmp_path, profile, fast_kdf):
 
 
 def test_low_entropy_warning_without_secret(tmp_path, profile, fast_kdf):
-    with pytest.warns(chiplock.LowEntropyWarning, match="pass secret="):
+    with pytest.warns(chiplock.LowEntropyWarning, match="no vendor secret: pass a secret"):
         chiplock.lock({"w": torch.zeros(2)}, tmp_path / "m.chiplock", profile, kdf=fast_kdf)
     with warnings.catch_warnings():
         warnings.simplefilter("error", chiplock.LowEntropyWarning)

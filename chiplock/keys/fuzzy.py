@@ -40,7 +40,6 @@ from typing import Any
 
 import bchlib
 import numpy as np
-from scipy.stats import binom
 
 from chiplock.errors import FingerprintError
 
@@ -60,6 +59,8 @@ def _ecc_bits(m: int, t: int) -> int:
 
 def repetition_error_rate(ber: float, repetition: int) -> float:
     """Probability that a majority vote over ``repetition`` independent copies is wrong."""
+    from scipy.stats import binom  # imported here: scipy.stats costs ~1 s at `import chiplock`
+
     return float(binom.sf(repetition // 2, repetition, ber))
 
 
@@ -142,6 +143,8 @@ class CodeParams:
         A block fails when more than ``t`` of its BCH bits are wrong after the majority vote; blocks are
         independent, so the key fails with ``1 - (1 - p_block) ** blocks``.
         """
+        from scipy.stats import binom
+
         if self.construction == "syndrome":
             per_block_bits = math.ceil(self.input_bits / self.blocks)
             p_block = float(binom.sf(self.bch_t, per_block_bits, ber))
