@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import subprocess
+import sys
 import hashlib
 import statistics
 import sys
@@ -66,6 +68,52 @@ def timed(fn: Callable[[], Any]) -> float:
 def baseline(plain: str) -> dict[str, torch.Tensor]:
     """A plain safetensors load that reads every byte: ``load_file`` maps the file, the clone copies it in."""
     return {k: v.clone() for k, v in load_file(plain).items()}
+
+
+_CHILD = r"""
+import sys, time, warnings
+import chiplock
+from chiplock.profile import DeviceProfile
+from safetensors.torch import load_file
+kind, path, profile_path, warm = sys.argv[1:5]
+profile = DeviceProfile.load(profile_path)
+if kind == "unlock":
+    chiplock.unlock(warm, profile=profile)  # loads the compiled kernels once, as any earlier unlock would
+    start = time.perf_counter()
+    out = chiplock.unlock(path, profile=profile)
+else:
+    start = time.perf_counter()
+    out = {k: v.clone() for k, v in load_file(path).items()}
+print(time.perf_counter() - start)
+"""
+
+
+def timed_fresh_process(kind: str, path: str, profile_path: str, warm: str) -> float:
+    """Seconds one unlock (or baseline load) takes in a new Python process, timed inside it.
+
+    A fresh process per run is what a device does and keeps runs from sharing allocator state: in one
+    long-lived process, memory that one run advised or kept (huge pages, glibc's raised mmap threshold) made
+    the next baseline run up to 2x faster.
+    """
+    res = subprocess.run([sys.executable, "-c", _CHILD, kind, path, profile_path, warm], check=True,
+                         capture_output=True, text=True)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def interleaved_fresh(plain: str, containers: dict[str, str], warm: dict[str, str], profile_path: str,
+                      repeat: int, warmup: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Like :func:`interleaved`, but every run in its own process (see :func:`timed_fresh_process`)."""
+    out = {name: {"unlock": [], "baseline": []} for name in containers}
+    for rep in range(warmup + repeat):
+        for name, path in containers.items():
+            runs = [("baseline", plain), ("unlock", path)]
+            if rep % 2:
+                runs.reverse()
+            for kind, target in runs:
+                t = timed_fresh_process(kind, target, profile_path, warm[name])
+                if rep >= warmup:
+                    out[name][kind].append(t)
+    return out
 
 
 def interleaved(plain: str, containers: dict[str, str], profile: chiplock.DeviceProfile, repeat: int,

@@ -55,6 +55,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stage-repeat", type=int, default=3, help="repetitions of each stage in the profile")
     ap.add_argument("--profile-sizes", default="100",
                     help="sizes (MB) that also get the stage profile; the largest size run when none of them is")
+    ap.add_argument("--same-process", action="store_true",
+                    help="time every run in this process (faster, but runs share allocator state)")
     ap.add_argument("--tmp", default=None, help="folder for the temporary files (default: the system's)")
     args = ap.parse_args(argv)
     try:
@@ -114,8 +116,15 @@ def bench_size(mb: float, transforms: list[str], profile: chiplock.DeviceProfile
     info = bench_weights.describe(weights)
     plain = tmp / "plain.safetensors"
     save_file(weights, str(plain))
-    containers, lock_s, sizes = {}, {}, {}
+    containers, lock_s, sizes, warm = {}, {}, {}, {}
+    profile_path = tmp / "device.json"
+    profile.save(profile_path)
     for name in transforms:
+        warm[name] = str(tmp / f"warm.{name}.chiplock")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", chiplock.LowEntropyWarning)
+            chiplock.lock({"w": torch.randn(4096)}, warm[name], profile, transform=name,
+                          kdf=KdfParams(**INSECURE_FAST))
         path = tmp / f"model.{name}.chiplock"
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -128,7 +137,10 @@ def bench_size(mb: float, transforms: list[str], profile: chiplock.DeviceProfile
     del weights
     gc.collect()
     repeat = args.repeat or (5 if mb < 500 else 3)
-    samples = bench_timing.interleaved(str(plain), containers, profile, repeat)
+    if args.same_process:
+        samples = bench_timing.interleaved(str(plain), containers, profile, repeat)
+    else:
+        samples = bench_timing.interleaved_fresh(str(plain), containers, warm, str(profile_path), repeat)
     rows = []
     for name in transforms:
         s = bench_timing.summarize(samples[name], info["bytes"])
@@ -142,7 +154,7 @@ def bench_size(mb: float, transforms: list[str], profile: chiplock.DeviceProfile
         for name in transforms:
             profile_stages[name] = bench_timing.stages(containers[name], profile, args.stage_repeat)
         _log(f"{label}: stage profile done")
-    for p in [plain, *map(Path, containers.values())]:
+    for p in [plain, profile_path, *map(Path, containers.values()), *map(Path, warm.values())]:
         p.unlink(missing_ok=True)
     return rows, profile_stages
 

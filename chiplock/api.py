@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 import chiplock
 from chiplock._io import atomic_writer
 from chiplock.container.format import (FORMAT_NAME, FORMAT_VERSION, build_header, canonical,
-                                       header_digest, map_tensors, read_header, tree_digest)
+                                       header_digest, map_tensors, read_header, tree_digest,
+                                       tree_root)
 from chiplock.errors import ContainerError, InvalidKey, InvalidTag, ProfileError, UnsupportedConfig
 from chiplock.fingerprint import get_source
 from chiplock.keys.combine import key_strength
@@ -214,11 +215,14 @@ def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret
     if not meta.get("secret") and secret is not None:
         raise ProfileError("this file was locked without a vendor secret; do not pass one")
     tf = get_transform(meta["transform"])
-    for i, st in enumerate(stored):
-        if tree_digest(st.data) != meta["tensors"][st.name]["digest"]:
-            raise InvalidTag() from None
-        if progress:
-            progress("verify", i + 1, len(stored))
+    # Transforms that hash while they decode (aes) are verified tensor by tensor below, in the same pass;
+    # the others are verified here, before any key work.
+    if not tf.fused_digest:
+        for i, st in enumerate(stored):
+            if tree_digest(st.data) != meta["tensors"][st.name]["digest"]:
+                raise InvalidTag() from None
+            if progress:
+                progress("verify", i + 1, len(stored))
     master = _master_key(_device_materials(meta, profile), secret, KdfParams.from_json(meta["kdf"]))
     if tf.detects_wrong_key:
         if not hmac.compare_digest(str(meta.get("key_check")).encode(), _key_check(master).encode()):
@@ -232,11 +236,17 @@ def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret
             raise UnsupportedConfig(f"tensor {st.name!r} has dtype {info['dtype']!r}, unknown to this chiplock; "
                                     "upgrade chiplock")
         key = subkey(master, f"tensor/{tf.name}", st.name)
+        leaves: list[bytes] = []
         try:
-            out[st.name] = tf.decode(st.data, info["params"], key, dtype, tuple(info["shape"]))
+            if tf.fused_digest:
+                out[st.name] = tf.decode(st.data, info["params"], key, dtype, tuple(info["shape"]), leaves=leaves)
+            else:
+                out[st.name] = tf.decode(st.data, info["params"], key, dtype, tuple(info["shape"]))
         except (KeyError, TypeError, ValueError):
             raise ContainerError(f"the public parameters of tensor {st.name!r} are malformed; the file is "
                                  "damaged: obtain a fresh copy") from None
+        if tf.fused_digest and tree_root(leaves) != info["digest"]:
+            raise InvalidTag() from None
         if progress:
             progress("unlock", i + 1, len(stored))
     return out

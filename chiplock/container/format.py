@@ -33,6 +33,19 @@ STORED_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I
 NUMPY_CODE_NAMES = {np.dtype(np.uint16): "U16", np.dtype(np.uint32): "U32", np.dtype(np.uint64): "U64"}
 
 
+def leaf_digest(chunk: np.ndarray) -> bytes:
+    """Digest of one ``TREE_CHUNK``-sized piece of a tensor's stored bytes (the last piece may be shorter)."""
+    return blake3(chunk).digest()
+
+
+def tree_root(leaves: list[bytes]) -> str:
+    """Combine the leaf digests of a tensor, in order, into its tree digest."""
+    h = blake3(b"chiplock/tree/v1")
+    for leaf in leaves:
+        h.update(leaf)
+    return h.hexdigest()
+
+
 def tree_digest(data: np.ndarray) -> str:
     """BLAKE3 over the BLAKE3 of each 4 MiB chunk, so chunks hash on every core.
 
@@ -42,12 +55,8 @@ def tree_digest(data: np.ndarray) -> str:
     from chiplock.transforms.base import _POOL
 
     flat = data.reshape(-1).view(np.uint8)
-    starts = range(0, flat.nbytes, TREE_CHUNK)
-    leaves = _POOL.map(lambda s: blake3(flat[s:s + TREE_CHUNK]).digest(), starts)
-    h = blake3(b"chiplock/tree/v1")
-    for leaf in leaves:
-        h.update(leaf)
-    return h.hexdigest()
+    return tree_root(list(_POOL.map(lambda s: leaf_digest(flat[s:s + TREE_CHUNK]),
+                                    range(0, flat.nbytes, TREE_CHUNK))))
 
 
 def canonical(meta: dict[str, Any]) -> bytes:

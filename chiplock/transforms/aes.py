@@ -21,6 +21,7 @@ from chiplock.transforms.base import (Encoded, Transform, aes_ctr_parallel, empt
 class AesTransform(Transform):
     name = "aes"
     detects_wrong_key = True
+    fused_digest = True
 
     def encode(self, tensor: torch.Tensor, key: bytes) -> Encoded:
         src = raw_view(tensor)
@@ -30,7 +31,7 @@ class AesTransform(Transform):
         return Encoded(out, {"nonce": nonce.hex()})
 
     def decode(self, stored: np.ndarray, params: dict[str, Any], key: bytes, dtype: torch.dtype,
-               shape: tuple[int, ...]) -> torch.Tensor:
+               shape: tuple[int, ...], *, leaves: list[bytes] | None = None) -> torch.Tensor:
         out, raw = empty_raw(dtype, shape)
-        aes_ctr_parallel(key, bytes.fromhex(params["nonce"]), stored, raw.view(np.uint8))
+        aes_ctr_parallel(key, bytes.fromhex(params["nonce"]), stored, raw.view(np.uint8), leaves=leaves)
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -69,9 +70,37 @@ def raw_view(t: torch.Tensor) -> np.ndarray:
     return flat.view(torch.uint8).numpy().view(DTYPES[t.dtype][0])
 
 
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_MADVISE = _libc_madvise() if sys.platform.startswith("linux") else None
+_MADV_HUGEPAGE = 14
+_HUGE = 2 << 20
+
+
 def empty_raw(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[torch.Tensor, np.ndarray]:
-    """A new tensor and a writable flat unsigned view of its memory."""
+    """A new tensor and a writable flat unsigned view of its memory.
+
+    Large outputs ask the kernel for transparent huge pages first: unlocking writes every byte of fresh memory
+    once, and with 4 KiB pages the page faults cost more than the decryption (measured: filling 1 GiB of fresh
+    memory took 1.19 s with 4 KiB pages, 0.47 s with huge pages, on the reference machine).
+    """
     out = torch.empty(shape, dtype=dtype)
+    nbytes = out.numel() * out.element_size()
+    if _MADVISE is not None and nbytes >= 2 * _HUGE:
+        start = -(-out.data_ptr() // _HUGE) * _HUGE
+        end = (out.data_ptr() + nbytes) // _HUGE * _HUGE
+        if end > start:
+            _MADVISE(start, end - start, _MADV_HUGEPAGE)  # advice only: failure just means small pages
     return out, out.reshape(-1).view(torch.uint8).numpy().view(DTYPES[dtype][0])
 
 
@@ -105,10 +134,26 @@ def aes_ctr_into(key: bytes, nonce: bytes, src: np.ndarray, dst: np.ndarray, byt
         raise RuntimeError("AES-CTR wrote a partial block")
 
 
-def aes_ctr_parallel(key: bytes, nonce: bytes, src: np.ndarray, dst: np.ndarray) -> None:
-    """:func:`aes_ctr_into` over whole uint8 arrays, split across the thread pool."""
-    parallel_for(src.nbytes, CHUNK_BYTES,
-                 lambda s, e: aes_ctr_into(key, nonce, src[s:e], dst[s:e], byte_offset=s))
+def aes_ctr_parallel(key: bytes, nonce: bytes, src: np.ndarray, dst: np.ndarray,
+                     leaves: list[bytes] | None = None) -> None:
+    """:func:`aes_ctr_into` over whole uint8 arrays, split across the thread pool.
+
+    With ``leaves``, each chunk of ``src`` is also hashed (its container leaf digest) just before it is
+    decrypted, while it is in cache: integrity and decryption in one pass over the data.
+    """
+    from chiplock.container.format import TREE_CHUNK, leaf_digest
+
+    if leaves is not None:
+        if CHUNK_BYTES != TREE_CHUNK:
+            raise RuntimeError("fused digests need AES chunks equal to the container's tree chunks")
+        leaves[:] = [b""] * (-(-src.nbytes // CHUNK_BYTES))
+
+    def work(s: int, e: int) -> None:
+        if leaves is not None:
+            leaves[s // CHUNK_BYTES] = leaf_digest(src[s:e])
+        aes_ctr_into(key, nonce, src[s:e], dst[s:e], byte_offset=s)
+
+    parallel_for(src.nbytes, CHUNK_BYTES, work)
 
 
 @dataclass
@@ -128,6 +173,8 @@ class Transform(abc.ABC):
     name: ClassVar[str]
     #: Whether a wrong key can be detected (a key-check value is stored). pre-aes: False, by design.
     detects_wrong_key: ClassVar[bool]
+    #: Whether :meth:`decode` accepts ``leaves=`` and fills in the stored bytes' leaf digests as it reads them.
+    fused_digest: ClassVar[bool] = False
 
     @abc.abstractmethod
     def encode(self, tensor: torch.Tensor, key: bytes) -> Encoded:
