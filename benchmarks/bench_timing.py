@@ -11,16 +11,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import subprocess
-import sys
 import hashlib
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from blake3 import blake3
 from safetensors.torch import load_file
 
 import chiplock
@@ -198,7 +198,7 @@ def stages(path: str, profile: chiplock.DeviceProfile, repeat: int) -> dict[str,
     """Median seconds of each unlock stage run alone, over the whole container.
 
     ``map`` parses the header and maps the file; ``read`` touches every stored byte; ``digest`` is the
-    integrity check (tree SHA-256 of every stored tensor); ``keys`` derives the master and per-tensor keys
+    integrity check (tree BLAKE3 of every stored tensor); ``keys`` derives the master and per-tensor keys
     (insecure-fast KDF); ``decode`` runs the transform's decode on every tensor, output allocation included.
     For aes-based transforms ``aes`` is AES-256-CTR over the stored bytes alone (into a reused buffer), so
     ``decode - aes`` is what the transform adds on top of decryption; for shuffle ``plan`` builds the keyed
@@ -243,7 +243,7 @@ def stages(path: str, profile: chiplock.DeviceProfile, repeat: int) -> dict[str,
 def primitives(nbytes: int = 256 << 20, repeat: int = 3) -> dict[str, float]:
     """Throughput (GB/s) of the building blocks on this machine, on one ``nbytes`` buffer in memory.
 
-    One core vs the chiplock thread pool for AES-256-CTR and SHA-256; ``copy_fresh`` copies into newly
+    One core vs the chiplock thread pool for AES-256-CTR and the tree digest (SHA-256 for comparison); ``copy_fresh`` copies into newly
     allocated memory (page faults included, as every unlock and the baseline must), ``copy_warm`` into memory
     already mapped.
     """
@@ -255,6 +255,7 @@ def primitives(nbytes: int = 256 << 20, repeat: int = 3) -> dict[str, float]:
         "aes_ctr_1core": lambda: aes_ctr_into(key, nonce, src, dst),
         "aes_ctr_pool": lambda: aes_ctr_parallel(key, nonce, src, dst),
         "sha256_1core": lambda: hashlib.sha256(src).digest(),
+        "blake3_1core": lambda: blake3(src).digest(),
         "tree_digest_pool": lambda: tree_digest(src),
         "copy_warm": lambda: np.copyto(dst, src),
         "copy_fresh": lambda: torch.from_numpy(dst).clone(),
