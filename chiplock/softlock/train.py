@@ -65,6 +65,9 @@ def lock_loss(out_a: torch.Tensor, y: torch.Tensor, outs_u: list[torch.Tensor], 
     loss_a = F.cross_entropy(out_a, y)
     losses_u = [F.cross_entropy(o, y_u) for o in outs_u]
     gaps = [(epsilon - lu).clamp(min=0) if hinge else epsilon - lu for lu in losses_u]
+    # A closed hinge has exactly zero gradient: detaching it skips the backward pass through that
+    # unauthorized forward (about two thirds of its cost) without changing any parameter update.
+    gaps = [g.detach() if hinge and g.item() == 0.0 else g for g in gaps]
     penalty = torch.stack([g ** 2 for g in gaps]).mean()
     return loss_a + lam * penalty, loss_a.item(), sum(lu.item() for lu in losses_u) / len(losses_u)
 
