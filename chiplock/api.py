@@ -24,7 +24,6 @@ from chiplock.keys.combine import key_strength
 from chiplock.keys.kdf import KdfParams, MasterKDF, assemble_material, subkey
 from chiplock.profile import DeviceProfile
 from chiplock.transforms import DTYPE_BY_NAME, DTYPE_NAMES, get_transform
-from chiplock.transforms.base import check_dtype
 
 Progress = Callable[[str, int, int], None]
 _CHECK_LABEL = b"chiplock key check v1"
@@ -132,7 +131,6 @@ def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str 
     }
     entries, blobs = [], []
     for i, (name, t) in enumerate(tensors.items()):
-        check_dtype(t.dtype)
         enc = tf.encode(t.detach().cpu(), subkey(master, f"tensor/{tf.name}", name))
         stored_dtype = enc.stored_dtype or DTYPE_NAMES[t.dtype]
         data = enc.data.reshape(-1).view(np.uint8)
