@@ -221,11 +221,26 @@ def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret
                 raise InvalidTag() from None
             if progress:
                 progress("verify", i + 1, len(stored))
-    master = _master_key(_device_materials(meta, profile), secret, KdfParams.from_json(meta["kdf"]))
+    master = derive_file_key(meta, profile, secret)
     if tf.detects_wrong_key:
         if not hmac.compare_digest(str(meta.get("key_check")).encode(), _key_check(master).encode()):
             raise InvalidKey("this file was locked for another device (or another vendor secret); it cannot be "
                              "unlocked here: ask the vendor for a file locked to this device")
+    return decode_tensors(meta, stored, master, progress=progress)
+
+
+def derive_file_key(meta: dict[str, Any], profile: DeviceProfile | None, secret: bytes | None) -> bytes:
+    """The master key a device (``profile``, or this machine when ``None``) derives for a container (expert)."""
+    return _master_key(_device_materials(meta, profile), secret, KdfParams.from_json(meta["kdf"]))
+
+
+def decode_tensors(meta: dict[str, Any], stored: list, master: bytes, *,
+                   progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Undo the transform of every mapped tensor with ``master`` (expert; performs no key check).
+
+    Transforms that hash while they decode (aes) verify each tensor's digest here.
+    """
+    tf = get_transform(meta["transform"])
     out: dict[str, torch.Tensor] = {}
     for i, st in enumerate(stored):
         info = meta["tensors"][st.name]
@@ -235,11 +250,9 @@ def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret
                                     "upgrade chiplock")
         key = subkey(master, f"tensor/{tf.name}", st.name)
         leaves: list[bytes] = []
+        fused = {"leaves": leaves} if tf.fused_digest else {}
         try:
-            if tf.fused_digest:
-                out[st.name] = tf.decode(st.data, info["params"], key, dtype, tuple(info["shape"]), leaves=leaves)
-            else:
-                out[st.name] = tf.decode(st.data, info["params"], key, dtype, tuple(info["shape"]))
+            out[st.name] = tf.decode(st.data, info["params"], key, dtype, tuple(info["shape"]), **fused)
         except (KeyError, TypeError, ValueError):
             raise ContainerError(f"the public parameters of tensor {st.name!r} are malformed; the file is "
                                  "damaged: obtain a fresh copy") from None

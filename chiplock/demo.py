@@ -17,13 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from chiplock.api import lock, unlock
+from chiplock.api import decode_tensors, derive_file_key, lock, unlock
 from chiplock.data import Dataset, load_default
 from chiplock.errors import InvalidKey
-from chiplock.keys.kdf import KdfParams, MasterKDF, assemble_material, subkey
 from chiplock.profile import DeviceProfile, enroll
 from chiplock.training import accuracy, train_classifier
-from chiplock.transforms import get_transform
 from chiplock.container.format import map_tensors
 
 TRANSFORMS = ("aes", "shuffle", "pre-aes")
@@ -73,15 +71,7 @@ def enroll_other_machine(path: Path) -> None:
 def forced_wrong_key_weights(path: Path, profile: DeviceProfile, secret: bytes | None) -> dict[str, torch.Tensor]:
     """What an attacker who ignores the key check gets from ``aes``/``shuffle`` with a wrong device key."""
     meta, stored = map_tensors(path)
-    materials = {s["source"]: profile.materials()[s["source"]] for s in meta["sources"]}
-    master = MasterKDF(params=KdfParams.from_json(meta["kdf"])).derive(assemble_material(materials, secret))
-    tf = get_transform(meta["transform"])
-    from chiplock.transforms import DTYPE_BY_NAME
-
-    return {st.name: tf.decode(st.data, meta["tensors"][st.name]["params"],
-                               subkey(master, f"tensor/{tf.name}", st.name),
-                               DTYPE_BY_NAME[meta["tensors"][st.name]["dtype"]],
-                               tuple(meta["tensors"][st.name]["shape"])) for st in stored}
+    return decode_tensors(meta, stored, derive_file_key(meta, profile, secret))
 
 
 def _evaluate(model: nn.Module, weights: dict[str, torch.Tensor], data: Dataset) -> float:
@@ -198,7 +188,7 @@ def write_report(out: Path, data: Dataset, model_desc: str, acc_orig: float, res
                      f"{ks[r.transform]:.3g} |")
     lines += [
         "", "![accuracy](accuracy.png)", "",
-        f"![histograms](weights_hist.png)", "",
+        "![histograms](weights_hist.png)", "",
         "Reading the table: with the right machine every transform gives back the weights bit for bit and the "
         "accuracy is unchanged. On the other machine `aes` and `shuffle` detect the wrong key and refuse; "
         "their forced decode is shown to measure destruction. `pre-aes` cannot tell a wrong key by design: it "

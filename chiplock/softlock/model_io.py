@@ -11,7 +11,6 @@ import json
 import os
 from typing import Any
 
-import torch
 from torch import nn
 
 from chiplock._io import atomic_write_bytes

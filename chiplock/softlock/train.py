@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chiplock._io import atomic_write_bytes
-from chiplock.softlock.apply import _SoftLayer, _convert, _handler_for, strip_config
+from chiplock.softlock.apply import _convert, _handler_for, strip_config
 from chiplock.softlock.config import SoftLockConfig
 from chiplock.softlock.levers import apply_levers, plan_levers
 
