@@ -4,7 +4,7 @@ The safe verbs live here; :mod:`chiplock.keys`, :mod:`chiplock.transforms` and :
 are public expert layers.
 """
 
-from chiplock.errors import (AlreadyFinalized, ChiplockError, ContainerError, FingerprintError, InvalidKey,
+from chiplock.errors import (AlreadyFinalized, ChiplockError, ContainerError, FingerprintError, InvalidKey, WeakKey,
                              InvalidTag, ProfileError, UnsupportedConfig)
 from chiplock.profile import DeviceProfile, enroll
 from chiplock.api import LowEntropyWarning, inspect, lock, unlock
@@ -13,6 +13,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyFinalized", "ChiplockError", "ContainerError", "DeviceProfile", "FingerprintError", "InvalidKey",
-    "InvalidTag", "LowEntropyWarning", "ProfileError", "UnsupportedConfig", "enroll", "inspect", "lock",
-    "unlock",
+    "InvalidTag", "LowEntropyWarning", "ProfileError", "UnsupportedConfig", "WeakKey", "enroll", "inspect",
+    "lock", "unlock",
 ]

@@ -86,7 +86,7 @@ def _warn_entropy(profile: DeviceProfile, secret: bytes | None) -> None:
 def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str | os.PathLike,
          profile: DeviceProfile, transform: str = "pre-aes", secret: bytes | None = None, *,
          kdf: KdfParams | None = None, signing_key: Ed25519PrivateKey | None = None,
-         progress: Progress | None = None) -> dict[str, Any]:
+         allow_weak_key: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Lock ``weights`` to the device described by ``profile`` and write a container to ``out_path``.
 
     Args:

@@ -42,5 +42,13 @@ class ProfileError(ChiplockError):
     """A device profile is missing, unreadable or does not match the container."""
 
 
+class WeakKey(ChiplockError):
+    """The key would rest on too little estimated entropy (< 64 bits) and no vendor secret.
+
+    Pass a vendor secret, add a unit-binding source (``sram``, ``tpm``), or override with ``allow_weak_key=True``
+    (``--allow-weak-key``) knowing that an attacker can enumerate the fingerprint.
+    """
+
+
 class AlreadyFinalized(ChiplockError):
     """A one-shot object (a key derivation) was used twice."""

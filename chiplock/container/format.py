@@ -61,7 +61,7 @@ def tree_digest(data: np.ndarray) -> str:
 
 def canonical(meta: dict[str, Any]) -> bytes:
     """Canonical bytes of the metadata minus its self-checks (what the digest and the signature cover)."""
-    body = {k: v for k, v in meta.items() if k not in ("header_digest", "signature")}
+    body = {k: v for k, v in meta.items() if k not in ("header_digest", "header_mac", "signature")}
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 

@@ -176,6 +176,13 @@ class Transform(abc.ABC):
     #: Whether :meth:`decode` accepts ``leaves=`` and fills in the stored bytes' leaf digests as it reads them.
     fused_digest: ClassVar[bool] = False
 
+    def stored_dtype(self, dtype_name: str) -> str:
+        """The safetensors dtype name the container stores a tensor of ``dtype_name`` as (default: the same).
+
+        The container reader checks every stored entry against this, so it needs no knowledge of transforms.
+        """
+        return dtype_name
+
     @abc.abstractmethod
     def encode(self, tensor: torch.Tensor, key: bytes) -> Encoded:
         """Transform ``tensor`` with the 32-byte per-tensor ``key``."""
