@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install tpm-deps demo test test-fast fuzz bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,14 +18,36 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The tpm source's tests run against swtpm and need tpm2-pytss, which builds against libtss2. Both are
+# installed here when missing, as root with apt-get; anywhere else this only says so, and those tests skip
+# with the reason. The rest of the suite does not depend on them. TPM_PIP is the `tpm` extra of pyproject.toml.
+TPM_APT := swtpm swtpm-tools libtss2-dev pkg-config gcc
+TPM_PIP := tpm2-pytss>=2.3
+
+tpm-deps: $(STAMP)
+	@if command -v swtpm >/dev/null 2>&1 && pkg-config --exists tss2-esys 2>/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing $(TPM_APT) for the TPM tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TPM_APT) >/dev/null; } \
+	    || echo "warning: apt-get could not install $(TPM_APT); the TPM tests will skip"; \
+	else echo "note: swtpm or libtss2-dev is missing and this is not root with apt-get; the TPM tests will skip"; fi
+	@$(BIN)/python -c 'import tpm2_pytss' 2>/dev/null || ! pkg-config --exists tss2-esys 2>/dev/null \
+	  || $(BIN)/python -m pip install --quiet '$(TPM_PIP)' \
+	  || echo "warning: tpm2-pytss did not build; the TPM tests will skip"
+
 demo: $(STAMP)
 	$(BIN)/chiplock demo --out chiplock-report
 
-test: $(STAMP)
+test: $(STAMP) tpm-deps
 	$(BIN)/python -m pytest -n 2 -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) tpm-deps
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+
+# Long fuzz run of the container and profile readers (tests/test_fuzz_reader.py); figures in fuzz-report.json.
+fuzz: $(STAMP)
+	CHIPLOCK_FUZZ_EXAMPLES=$${CHIPLOCK_FUZZ_EXAMPLES:-100000} CHIPLOCK_FUZZ_REPORT=$${CHIPLOCK_FUZZ_REPORT:-fuzz-report.json} \
+		$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_fuzz_reader.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py --out bench/results

@@ -10,8 +10,11 @@ Usage::
    thread counts) measures the per-probe digests; the script reports which probes changed against the
    baseline, whether the material differs, and whether every changed probe declared the fact that was varied.
 3. Time: seconds per measurement in each child.
+4. Enumeration (``--enumerate``): the configuration space software can reach on this machine, composed from
+   one-at-a-time and joint runs (:mod:`chiplock.fingerprint.configurations`): configurations tried, distinct
+   fingerprints, composed count and its log2, the figure behind ``PRECISION_ENTROPY_BITS``.
 
-Writes ``fingerprint_precision.json`` and prints a Markdown table.
+Writes ``fingerprint_precision.json`` (and ``fingerprint_precision_enumeration.json``) and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -78,7 +81,14 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--skip-stability", action="store_true")
+    ap.add_argument("--enumerate", action="store_true", help="Also enumerate the configuration space.")
+    ap.add_argument("--only-enumerate", action="store_true", help="Enumerate only (skip stability and variants).")
+    ap.add_argument("--workers", type=int, default=2, help="Fresh processes at once while enumerating.")
     args = ap.parse_args()
+    if args.enumerate or args.only_enumerate:
+        _enumerate(args)
+        if args.only_enumerate:
+            return
 
     results = {name: _child(DIGESTS, env) for name, env in VARIANTS.items()}
     base = results["baseline"]
@@ -115,6 +125,36 @@ def main() -> None:
         print(f"| {r['variant']} | {r['material_id']} | {'yes' if r['distinct'] else 'no'} | "
               f"{', '.join(r['changed']) or '-'} | {', '.join(r['undeclared']) or '-'} | {r['seconds']:.2f} |")
     print(f"\ndistinct material ids: {len(distinct_ids)}; stability: {stability}")
+
+
+def _enumerate(args: argparse.Namespace) -> None:
+    from chiplock.fingerprint.configurations import enumerate_configurations
+    from chiplock.fingerprint.precision import config_facts
+
+    def progress(stage: str, done: int, total: int) -> None:
+        print(f"\r{stage}: {done}/{total}   ", end="", file=sys.stderr, flush=True)
+
+    r = enumerate_configurations(workers=args.workers, progress=progress)
+    print(file=sys.stderr)
+    facts = config_facts()
+    summary = {"date": datetime.date.today().isoformat(),
+               "machine": {"cpu": facts.get("cpu"), "cpus": os.cpu_count(), "cpu_capability": facts["cpu_capability"],
+                           "torch": facts["torch"], "numpy": facts["numpy"], "libc": facts.get("libc")},
+               "load": os.getloadavg(), **r.to_json()}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "fingerprint_precision_enumeration.json").write_text(json.dumps(summary, indent=2))
+    print("| variable | settings | classes | probes moved | classes (settings with the same fingerprint) |")
+    print("|---|---|---|---|---|")
+    for var, st in r.variables.items():
+        groups = "; ".join(" = ".join(c) for c in r.classes[var])
+        print(f"| {var} | {st['settings']} | {st['classes']} | {st['probes_moved']} | {groups} |")
+    print("\n| cluster | probes | combinations | measured | distinct |\n|---|---|---|---|---|")
+    for c in r.clusters:
+        print(f"| {' x '.join(c.variables)} | {c.probes} | {c.combinations} | {c.measured} | {c.distinct} |")
+    print(f"\nconfigurations tried {r.configurations} ({r.failed} failed), distinct observed {r.distinct_observed}, "
+          f"composed {r.composed} = {r.bits} bits{' (lower bound)' if r.lower_bound else ''}, upper bound "
+          f"{r.upper_bound} = {r.upper_bits} bits; checks {r.checks_matched}/{r.checks}; stable {r.stable}; "
+          f"{r.seconds:.0f} s with {r.workers} workers")
 
 
 if __name__ == "__main__":

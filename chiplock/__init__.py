@@ -6,6 +6,7 @@ are public expert layers.
 
 from chiplock.errors import (AlreadyFinalized, ChiplockError, ContainerError, FingerprintError, InvalidKey, WeakKey,
                              InvalidTag, ProfileError, UnsupportedConfig)
+from chiplock.errors import FileAccessError, KeyFileError, OutputError
 from chiplock.profile import DeviceProfile, enroll
 from chiplock.api import LowEntropyWarning, inspect, lock, unlock
 
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyFinalized", "ChiplockError", "ContainerError", "DeviceProfile", "FingerprintError", "InvalidKey",
     "InvalidTag", "LowEntropyWarning", "ProfileError", "UnsupportedConfig", "WeakKey", "enroll", "inspect",
-    "lock", "unlock",
+    "lock", "unlock", "FileAccessError", "KeyFileError", "OutputError",
 ]

@@ -14,19 +14,20 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 import chiplock
-from chiplock._io import atomic_writer
+from chiplock._io import atomic_writer, check_output
 from chiplock.container.format import (FORMAT_NAME, FORMAT_VERSION, build_header, canonical,
-                                       header_digest, map_tensors, read_header, tree_digest,
+                                       header_digest, map_tensors, read_header, tensor_name_problem, tree_digest,
                                        tree_root)
-from chiplock.errors import ContainerError, InvalidKey, InvalidTag, ProfileError, UnsupportedConfig
+from chiplock.errors import ContainerError, InvalidKey, InvalidTag, ProfileError, UnsupportedConfig, WeakKey
 from chiplock.fingerprint import get_source
 from chiplock.keys.combine import key_strength
-from chiplock.keys.kdf import KdfParams, MasterKDF, assemble_material, subkey
+from chiplock.keys.kdf import ARGON2_MAX_MEMORY_KIB, KdfParams, MasterKDF, assemble_material, subkey
 from chiplock.profile import DeviceProfile
 from chiplock.transforms import DTYPE_BY_NAME, DTYPE_NAMES, get_transform
 
 Progress = Callable[[str, int, int], None]
 _CHECK_LABEL = b"chiplock key check v1"
+_HEADER_LABEL = b"chiplock header mac v1\0"
 MIN_ENTROPY_BITS = 64
 
 
@@ -34,12 +35,19 @@ class LowEntropyWarning(UserWarning):
     """The key rests on fewer than 64 estimated bits (or an unknown amount) and no vendor secret."""
 
 
-def load_weights(weights: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_weights(weights: Mapping[str, torch.Tensor] | str | os.PathLike, *,
+                 transform: str | None = None) -> dict[str, torch.Tensor]:
     """Read a mapping of name -> tensor from a mapping, ``.safetensors``, or ``.pt``/``.bin`` state dict.
+
+    Every name and tensor is checked here, before anything is written: a name must be fit for a container
+    (see :func:`chiplock.container.format.tensor_name_problem`), a tensor dense and of a supported dtype, and
+    with ``transform`` (a transform name) of a dtype that transform can store.
 
     Raises:
         ContainerError: The file is missing or unreadable.
-        UnsupportedConfig: The content is not a flat mapping of names to tensors of a supported dtype.
+        UnsupportedConfig: The content is not a flat mapping of names to tensors of a supported dtype, a name
+            is unfit (empty, ``__metadata__``, NUL, lone surrogate, too long), or ``transform`` cannot take a
+            tensor's dtype.
     """
     if isinstance(weights, (str, os.PathLike)):
         path = Path(weights)
@@ -62,10 +70,23 @@ def load_weights(weights: Mapping[str, torch.Tensor] | str | os.PathLike) -> dic
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
         raise UnsupportedConfig("weights must be a mapping of str -> torch.Tensor (a state dict); "
                                 "for a model pass model.state_dict()")
+    tf = get_transform(transform) if transform is not None else None
     for name, t in weights.items():
+        problem = tensor_name_problem(name)
+        if problem:
+            raise UnsupportedConfig(f"tensor name {ascii(name)[:80]} {problem}; rename the tensor in the state dict "
+                                    "before locking (and in the model that loads it)")
+        if t.layout != torch.strided or t.is_meta:
+            raise UnsupportedConfig(f"tensor {name!r} is not a dense tensor in memory ({t.layout}, device "
+                                    f"{t.device}); convert it with .to_dense() / load its data before locking")
         if t.dtype not in DTYPE_NAMES:
             raise UnsupportedConfig(f"tensor {name!r} has unsupported dtype {t.dtype}; convert it to one of "
                                     f"{', '.join(sorted(DTYPE_NAMES.values()))}")
+        if tf is not None:
+            try:
+                tf.stored_dtype(DTYPE_NAMES[t.dtype])
+            except UnsupportedConfig as exc:
+                raise UnsupportedConfig(f"tensor {name!r}: {exc}") from None
     return dict(weights)
 
 
@@ -77,28 +98,50 @@ def _key_check(master: bytes) -> str:
     return hmac.new(subkey(master, "check"), _CHECK_LABEL, "sha256").hexdigest()[:32]
 
 
-def _warn_entropy(profile: DeviceProfile, secret: bytes | None) -> None:
+def _header_mac(master: bytes, meta: dict[str, Any]) -> str:
+    """HMAC-SHA256 of the canonical metadata under a key only the right device derives.
+
+    Only transforms that already store a key check get it (aes, shuffle): for them a keyed check reveals nothing
+    new. pre-aes must not have one (it would be a key oracle); its header is protected by signatures only.
+    """
+    return hmac.new(subkey(master, "header"), _HEADER_LABEL + canonical(meta), "sha256").hexdigest()
+
+
+def _check_key_strength(profile: DeviceProfile, secret: bytes | None, allow_weak_key: bool) -> None:
+    # A key below the policy is refused: with the structural tests, a fingerprint of a few bits is cracked by
+    # enumerating configurations at Argon2id's cost each. The override still warns, with the figure.
     strength = key_strength(profile.enrollments, secret=secret, minimum=MIN_ENTROPY_BITS)
-    if not strength.sufficient:
-        warnings.warn(strength.message(), LowEntropyWarning, stacklevel=3)
+    if strength.sufficient:
+        return
+    if not allow_weak_key:
+        raise WeakKey(f"refusing to lock: {strength.message()}; or pass allow_weak_key=True (--allow-weak-key) "
+                      "if a key that an attacker can enumerate is acceptable")
+    warnings.warn(f"allow_weak_key=True: locking with a weak key: {strength.message()}", LowEntropyWarning,
+                  stacklevel=3)
 
 
 def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str | os.PathLike,
          profile: DeviceProfile, transform: str = "pre-aes", secret: bytes | None = None, *,
          kdf: KdfParams | None = None, signing_key: Ed25519PrivateKey | None = None,
-         allow_weak_key: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+         allow_weak_key: bool = False, force: bool = False,
+         progress: Progress | None = None) -> dict[str, Any]:
     """Lock ``weights`` to the device described by ``profile`` and write a container to ``out_path``.
 
     Args:
         weights: A state dict, or a path to ``.safetensors`` / ``.pt`` / ``.bin`` (loaded with
             ``weights_only=True``). The input is never modified.
-        out_path: Where to write the container; written to a temporary file and renamed, so an interrupted
-            lock leaves no partial output and an existing file is replaced only by a complete one.
+        out_path: Where to write the container; it gets its name only when complete (see
+            :func:`chiplock._io.atomic_writer`), so an interrupted lock leaves no partial output and an existing
+            file is replaced only by a complete one.
         profile: The device's :class:`~chiplock.DeviceProfile` (from :func:`chiplock.enroll`).
         transform: ``"pre-aes"`` (default), ``"aes"`` or ``"shuffle"``.
         secret: Optional vendor secret mixed into the key (needed again to unlock).
         kdf: Argon2id parameters; default about 0.4 s and 64 MiB per derivation.
         signing_key: Optional Ed25519 private key; the device can then refuse a tampered file.
+        allow_weak_key: Lock even when the key rests on fewer than 64 estimated bits (or an unknown amount) and
+            no vendor secret, with a :class:`LowEntropyWarning` naming the figure. Without it that is refused.
+        force: Replace an existing ``out_path`` that is not a chiplock container (a plaintext model, say).
+            Without it that is refused, as is an ``out_path`` that is the input file.
         progress: Optional ``progress(stage, done, total)`` callback.
 
     Returns:
@@ -106,19 +149,27 @@ def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str 
 
     Raises:
         UnsupportedConfig: Unknown transform or unsupported dtype.
+        WeakKey: The key rests on fewer than 64 estimated bits (or an unknown amount; ``precision`` alone has
+            about 12.5) and there is no vendor secret; pass ``secret=``, add a unit-binding source or
+            ``allow_weak_key=True``.
         ContainerError: ``weights`` is a path that cannot be read.
+        OutputError: ``out_path`` is the input, a folder, in a missing folder, or a file of another kind
+            (without ``force``); or it cannot be written.
 
     Example:
         >>> profile = chiplock.enroll()  # doctest: +SKIP
-        >>> chiplock.lock(model.state_dict(), "model.chiplock", profile)  # doctest: +SKIP
+        >>> chiplock.lock(model.state_dict(), "model.chiplock", profile, secret=vendor_secret)  # doctest: +SKIP
     """
     if not isinstance(profile, DeviceProfile):
         raise TypeError("profile must be a DeviceProfile; get one with chiplock.enroll() or DeviceProfile.load()")
     if secret is not None and not isinstance(secret, bytes):
         raise TypeError("secret must be bytes, e.g. secret=b'...' or bytes.fromhex(...)")
     tf = get_transform(transform)
-    tensors = load_weights(weights)
-    _warn_entropy(profile, secret)
+    _check_key_strength(profile, secret, allow_weak_key)
+    # Refuse an output that would destroy the input or a plaintext model before any expensive work.
+    check_output(out_path, kind="container", force=force,
+                 inputs=[weights] if isinstance(weights, (str, os.PathLike)) else [])
+    tensors = load_weights(weights, transform=tf.name)
     kdf = kdf or KdfParams()
     master = _master_key(profile.materials(), secret, kdf)
     meta: dict[str, Any] = {
@@ -140,6 +191,8 @@ def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str 
         blobs.append(data)
         if progress:
             progress("lock", i + 1, len(tensors))
+    if tf.detects_wrong_key:
+        meta["header_mac"] = _header_mac(master, meta)
     meta["header_digest"] = header_digest(meta)
     if signing_key is not None:
         pub = signing_key.public_key().public_bytes_raw()
@@ -179,7 +232,7 @@ def _device_materials(meta: dict[str, Any], profile: DeviceProfile | None) -> di
 
 
 def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret: bytes | None = None, *,
-           verify_key: Ed25519PublicKey | bytes | None = None,
+           verify_key: Ed25519PublicKey | bytes | None = None, max_kdf_memory_kib: int | None = None,
            progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Unlock a container in memory and return its weights. Nothing is written to disk.
 
@@ -189,6 +242,8 @@ def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret
             the device this runs on.
         secret: The vendor secret, if the file was locked with one.
         verify_key: The vendor's Ed25519 public key; the file must then carry a valid signature by it.
+        max_kdf_memory_kib: The most Argon2id memory (KiB) the file may ask of this device; default
+            ``$CHIPLOCK_MAX_KDF_MEMORY_KIB`` or 1 GiB. A file asking more is refused before any key work.
         progress: Optional ``progress(stage, done, total)`` callback.
 
     Returns:
@@ -206,7 +261,7 @@ def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret
         >>> weights = chiplock.unlock("model.chiplock")  # doctest: +SKIP
         >>> model.load_state_dict(weights)  # doctest: +SKIP
     """
-    meta, stored = map_tensors(path)
+    meta, stored = map_tensors(path, max_kdf_memory_kib=max_kdf_memory_kib)
     _verify_signature(meta, verify_key)
     if meta.get("secret") and secret is None:
         raise ProfileError("this file was locked with a vendor secret; pass it (secret=... / --secret-file)")
@@ -221,17 +276,23 @@ def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret
                 raise InvalidTag() from None
             if progress:
                 progress("verify", i + 1, len(stored))
-    master = derive_file_key(meta, profile, secret)
+    master = derive_file_key(meta, profile, secret, max_kdf_memory_kib=max_kdf_memory_kib)
     if tf.detects_wrong_key:
         if not hmac.compare_digest(str(meta.get("key_check")).encode(), _key_check(master).encode()):
             raise InvalidKey("this file was locked for another device (or another vendor secret); it cannot be "
                              "unlocked here: ask the vendor for a file locked to this device")
+        # The right key, so the header's per-tensor parameters (nonces, shapes, ...) can be authenticated: a
+        # rewritten unsigned header (new nonce + recomputed header digest) must not decode to garbage silently.
+        if not hmac.compare_digest(str(meta.get("header_mac")).encode(), _header_mac(master, meta).encode()):
+            raise InvalidTag() from None
     return decode_tensors(meta, stored, master, progress=progress)
 
 
-def derive_file_key(meta: dict[str, Any], profile: DeviceProfile | None, secret: bytes | None) -> bytes:
+def derive_file_key(meta: dict[str, Any], profile: DeviceProfile | None, secret: bytes | None, *,
+                    max_kdf_memory_kib: int | None = None) -> bytes:
     """The master key a device (``profile``, or this machine when ``None``) derives for a container (expert)."""
-    return _master_key(_device_materials(meta, profile), secret, KdfParams.from_json(meta["kdf"]))
+    kdf = KdfParams.from_json(meta["kdf"], max_memory_kib=max_kdf_memory_kib)
+    return _master_key(_device_materials(meta, profile), secret, kdf)
 
 
 def decode_tensors(meta: dict[str, Any], stored: list, master: bytes, *,
@@ -271,7 +332,8 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         ContainerError: Not a chiplock file, truncated, or an unsupported version.
     """
-    meta, _, _ = read_header(path)
+    # inspect does no key work, so it shows a file whatever KDF cost it asks (unlock refuses one over the cap).
+    meta, _, _ = read_header(path, max_kdf_memory_kib=ARGON2_MAX_MEMORY_KIB)
     return {
         "format": meta["format"], "version": meta["version"], "transform": meta["transform"],
         "created_by": meta.get("created_by"),

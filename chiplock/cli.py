@@ -1,4 +1,8 @@
-"""The `chiplock` command line: parses arguments and calls the public verbs."""
+"""The `chiplock` command line: parses arguments and calls the public verbs.
+
+Every error ends the command with exit code 2 and exactly one line on stderr, ``error: <what to do>``: chiplock's
+own errors, OS errors (mapped to :class:`~chiplock.errors.FileAccessError`) and usage errors alike.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,15 @@ import enum
 import json
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from chiplock.errors import ChiplockError
+from chiplock._io import check_input, check_output, os_error
+from chiplock.errors import ChiplockError, ContainerError, FileAccessError, KeyFileError, ProfileError
 from chiplock.fingerprint.cli import app as fingerprint_app
 from chiplock.softlock.cli import app as softlock_app
 
@@ -26,7 +31,12 @@ class Transform(str, enum.Enum):
 
 app = typer.Typer(help="Lock machine-learning models to the hardware they are licensed for.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console(stderr=True)
+# soft_wrap: rich would otherwise wrap long messages (paths) at 80 columns when stderr is not a terminal.
+console = Console(stderr=True, soft_wrap=True)
+
+_ENROLL_HINT = "create it on the device with `chiplock enroll -o FILE`"
+_SIGNING_HINT = "pass the vendor's Ed25519 private key in PEM, made with `openssl genpkey -algorithm ed25519 -out KEY`"
+_VERIFY_HINT = "pass the vendor's Ed25519 public key in PEM, made with `openssl pkey -in KEY -pubout -out PUB`"
 
 # Sub-command groups owned by other packages mount here, one line each.
 app.add_typer(fingerprint_app, name="fingerprint")
@@ -39,24 +49,87 @@ def enroll(out: Path = typer.Option(..., "-o", "--out", help="Where to write the
     """Measure this device and write its profile (the vendor keeps it secret)."""
     from chiplock.profile import enroll as _enroll
 
+    check_output(out, kind="file")
     with console.status("measuring fingerprints..."):
         profile = _enroll(source)
     profile.save(out)
     console.print(f"wrote device profile [bold]{out}[/] (sources: {', '.join(profile.sources)}); keep it secret")
 
 
+def _read_input(path: Path, what: str, hint: str, error: type[ChiplockError] = FileAccessError) -> bytes:
+    check_input(path, what, hint, error)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise os_error(exc, path, "read") from None
+
+
 def _read_secret(secret_file: Optional[Path]) -> Optional[bytes]:
     if secret_file is None:
         return None
+    return _read_input(secret_file, "secret file", "pass the file that holds the vendor secret (raw bytes)")
+
+
+def _key_kind(key: object) -> str:
+    name = type(key).__name__
+    for suffix in ("PrivateKey", "PublicKey"):
+        name = name.replace(suffix, "")
+    return {"EllipticCurve": "EC", "": "unknown"}.get(name, name)
+
+
+def _load_signing_key(path: Path):
+    """The vendor's Ed25519 private key from a PEM file, or a one-line :class:`KeyFileError`."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    data = _read_input(path, "signing key file", _SIGNING_HINT, KeyFileError)
+    where = repr(str(path))
     try:
-        return secret_file.read_bytes()
-    except OSError as exc:
-        raise typer.BadParameter(f"cannot read secret file {secret_file} ({exc.strerror})") from None
+        key = load_pem_private_key(data, password=None)
+    except TypeError:
+        raise KeyFileError(f"signing key {where} is password-protected; write an unencrypted copy with "
+                           "`openssl pkey -in KEY -out PLAIN.pem` and pass that") from None
+    except (ValueError, UnsupportedAlgorithm):
+        if b"PUBLIC KEY-----" in data:  # PEM armour of a public key (SPKI or PKCS#1).
+            raise KeyFileError(f"signing key {where} is a public key; --signing-key needs the vendor's private "
+                               "key (the public one goes to devices as --verify-key)") from None
+        raise KeyFileError(f"signing key {where} is not a PEM private key; {_SIGNING_HINT}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"signing key {where} is an {_key_kind(key)} key; chiplock signs with Ed25519 only: "
+                           f"{_SIGNING_HINT}")
+    return key
+
+
+def _load_verify_key(path: Path):
+    """The vendor's Ed25519 public key from a PEM file, or a one-line :class:`KeyFileError`."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    data = _read_input(path, "verification key file", _VERIFY_HINT, KeyFileError)
+    where = repr(str(path))
+    try:
+        key = load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        if b"PRIVATE KEY-----" in data:  # PEM armour of any private key, encrypted or not.
+            raise KeyFileError(f"verification key {where} is a private key; pass the public key instead "
+                               "(`openssl pkey -in KEY -pubout -out PUB`) and keep the private key off devices") \
+                from None
+        raise KeyFileError(f"verification key {where} is not a PEM public key; {_VERIFY_HINT}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError(f"verification key {where} is an {_key_kind(key)} key; chiplock verifies Ed25519 "
+                           f"signatures only: {_VERIFY_HINT}")
+    return key
 
 
 @contextlib.contextmanager
 def _progress(label: str) -> Iterator:
-    """A rich progress bar fed by the verbs' ``progress(stage, done, total)`` callback."""
+    """A rich progress bar fed by the verbs' ``progress(stage, done, total)`` callback (only on a terminal:
+    elsewhere rich would leave blank lines on stderr)."""
+    if not console.is_terminal:
+        yield None
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -77,18 +150,28 @@ def lock_cmd(model: Path = typer.Argument(..., help="Weights: .safetensors, or a
              secret_file: Optional[Path] = typer.Option(None, "--secret-file", help="Vendor secret (raw bytes)."),
              signing_key: Optional[Path] = typer.Option(None, "--signing-key",
                                                         help="Ed25519 private key (PEM) to sign the file."),
+             allow_weak_key: bool = typer.Option(False, "--allow-weak-key",
+                                                 help="Lock even if the key rests on too little entropy."),
+             force: bool = typer.Option(False, "--force",
+                                        help="Replace an existing OUT that is not a chiplock container."),
              as_json: bool = typer.Option(False, "--json", help="Print the public metadata as JSON.")) -> None:
     """Lock MODEL to the device of PROFILE and write a container."""
     from chiplock.api import lock
     from chiplock.profile import DeviceProfile
 
-    key = None
-    if signing_key is not None:
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
-        key = load_pem_private_key(signing_key.read_bytes(), password=None)
+    check_input(model, "model file", "check the path (a .safetensors file or a .pt/.bin state dict)",
+                ContainerError)
+    check_input(profile, "device profile", _ENROLL_HINT, ProfileError)
+    secret = _read_secret(secret_file)
+    key = _load_signing_key(signing_key) if signing_key is not None else None
+    prof = DeviceProfile.load(profile)
+    # Before any key derivation: OUT may not be an input file (lock() checks the model, not the others) or a
+    # plaintext model (without --force), and its folder must exist.
+    check_output(out, kind="container", force=force,
+                 inputs=[p for p in (model, profile, secret_file, signing_key) if p is not None])
     with _progress("lock") as update:
-        info = lock(model, out, DeviceProfile.load(profile), transform=transform.value,
-                    secret=_read_secret(secret_file), signing_key=key, progress=update)
+        info = lock(model, out, prof, transform=transform.value, secret=secret, signing_key=key,
+                    allow_weak_key=allow_weak_key, force=force, progress=update)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
     else:
@@ -108,20 +191,27 @@ def unlock_cmd(container: Path = typer.Argument(..., help="A chiplock container.
                verify_key: Optional[Path] = typer.Option(None, "--verify-key",
                                                          help="Vendor's Ed25519 public key (PEM): require a "
                                                               "valid signature."),
+               force: bool = typer.Option(False, "--force",
+                                          help="Let -o replace an existing file that is not a safetensors file "
+                                               "(never a chiplock container)."),
                as_json: bool = typer.Option(False, "--json", help="Print a JSON summary.")) -> None:
     """Unlock CONTAINER on this device; write plaintext weights only with -o."""
     from chiplock._io import atomic_writer
     from chiplock.api import unlock
     from chiplock.profile import DeviceProfile
 
-    pub = None
-    if verify_key is not None:
-        from cryptography.hazmat.primitives.serialization import load_pem_public_key
-        pub = load_pem_public_key(verify_key.read_bytes())
+    check_input(container, "container", "check the path", ContainerError)
+    if profile is not None:
+        check_input(profile, "device profile", _ENROLL_HINT, ProfileError)
+    secret = _read_secret(secret_file)
+    pub = _load_verify_key(verify_key) if verify_key is not None else None
+    if out is not None:
+        # Before any key derivation: never overwrite the container, a model of another kind, or the input.
+        check_output(out, kind="weights", force=force,
+                     inputs=[p for p in (container, profile, secret_file, verify_key) if p is not None])
     prof = DeviceProfile.load(profile) if profile is not None else None
     with _progress("unlock") as update:
-        weights = unlock(container, profile=prof, secret=_read_secret(secret_file), verify_key=pub,
-                         progress=update)
+        weights = unlock(container, profile=prof, secret=secret, verify_key=pub, progress=update)
     if out is not None:
         from safetensors.torch import save
         with atomic_writer(out, mode=0o600) as fh:
@@ -141,6 +231,7 @@ def inspect_cmd(container: Path = typer.Argument(..., help="A chiplock container
     """Show a container's public metadata (needs no key)."""
     from chiplock.api import inspect
 
+    check_input(container, "container", "check the path", ContainerError)
     info = inspect(container)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -168,13 +259,53 @@ def demo_cmd(out: Path = typer.Option(Path("chiplock-report"), "--out", help="Re
     Console().print(f"report written to [bold]{report}[/]")
 
 
+def _error(message: str) -> None:
+    """One line on stderr, never wrapped, whatever the terminal: ``error: <message>``."""
+    sys.stderr.write("error: " + " ".join(str(message).split()) + "\n")
+    sys.stderr.flush()
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``) and return the exit code.
+
+    Errors print one line on stderr and return 2: chiplock errors, OS errors (as :class:`FileAccessError`),
+    and usage errors (unknown option, missing argument, bad value).
+    """
+    try:
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    except ImportError:  # pragma: no cover - typer versions that use click itself.
+        from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
+    try:
+        rv = app(args=None if argv is None else list(argv), prog_name="chiplock", standalone_mode=False)
+    except ChiplockError as exc:
+        _error(str(exc))
+        return 2
+    except OSError as exc:
+        _error(str(os_error(exc, exc.filename)))
+        return 2
+    except NoArgsIsHelpError as exc:
+        sys.stdout.write(exc.format_message() + "\n")
+        return 2
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "chiplock"
+        _error(f"{exc.format_message().rstrip('.')}; see `{where} --help`")
+        return 2
+    except ClickException as exc:
+        _error(exc.format_message())
+        return 2
+    except typer.Abort:
+        _error("aborted")
+        return 2
+    if isinstance(rv, int) and rv == 130:
+        _error("interrupted; no partial output was left")
+    return rv if isinstance(rv, int) else 0
+
+
 def main() -> None:
-    """Console-script entry point: turns ChiplockError into a one-line message and exit code 2."""
+    """Console-script entry point: every error is one line on stderr and exit code 2."""
     import warnings
 
-    warnings.formatwarning = lambda message, category, *args, **kw: f"warning: {message}\n"
-    try:
-        app()
-    except ChiplockError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        sys.exit(2)
+    warnings.formatwarning = lambda message, category, *args, **kw: "warning: " + " ".join(str(message).split()) \
+        + "\n"
+    sys.exit(run())

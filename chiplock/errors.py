@@ -52,3 +52,22 @@ class WeakKey(ChiplockError):
 
 class AlreadyFinalized(ChiplockError):
     """A one-shot object (a key derivation) was used twice."""
+
+
+class FileAccessError(ChiplockError):
+    """A file or folder cannot be read or written: missing, permission denied, path too long or under a file,
+    disk full. The message names the path and what to do."""
+
+
+class OutputError(FileAccessError):
+    """An output path is refused or cannot be written.
+
+    Refused: the output is the input, a folder, under a file, in a missing folder (chiplock never creates
+    folders), or a file of another kind (a plaintext model where a container goes, without ``force``; a container
+    where plaintext weights go, ever).
+    """
+
+
+class KeyFileError(ChiplockError):
+    """A signing or verification key file is missing, unreadable, of the wrong kind (public where private is
+    expected or the reverse), or not an Ed25519 key."""

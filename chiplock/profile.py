@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NoReturn
 
+from chiplock import _json
 from chiplock._io import atomic_write_bytes
 from chiplock.errors import ProfileError
-from chiplock.fingerprint import Enrollment, get_source
+from chiplock.fingerprint import Enrollment, available_sources, get_source
 
 PROFILE_VERSION = 1
+#: Caps on a profile file (see chiplock/container/spec.md): profiles hold a few sources' helper data.
+MAX_PROFILE_BYTES = 16 << 20
+PROFILE_LIMITS = _json.Limits(max_bytes=MAX_PROFILE_BYTES, max_depth=64, max_containers=200_000,
+                              max_items=2_000_000)
+MAX_ENROLLMENTS = 16
+MAX_MATERIAL_BYTES = 4096
+MAX_ENTROPY_BITS = 1 << 20
+MAX_HOST_CHARS = 1024
+_PROFILE_FIELDS = frozenset({"chiplock_profile", "created", "host", "enrollments"})
+_ENROLLMENT_FIELDS = frozenset({"source", "helper", "material", "entropy_bits", "info"})
+_HEX = re.compile(r"[0-9a-fA-F]*")
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,13 @@ class DeviceProfile:
     def __post_init__(self) -> None:
         if not self.enrollments:
             raise ValueError("a DeviceProfile needs at least one enrollment; pass sources=('precision',)")
+        for e in self.enrollments:
+            # The helper data goes into every container locked with this profile: a value the container reader
+            # would refuse (NaN, a lone surrogate, deep nesting) must fail here, not after a file is written.
+            problem = _json.check_tree(e.helper, max_depth=PROFILE_LIMITS.max_depth - 3, max_str=MAX_PROFILE_BYTES)
+            if not isinstance(e.helper, dict) or problem:
+                raise ValueError(f"the helper data of source {e.source!r} is not a plain JSON object "
+                                 f"({problem or 'not a dict'}); this is a bug in that source")
 
     @property
     def sources(self) -> list[str]:
@@ -67,43 +88,106 @@ class DeviceProfile:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the profile as JSON (mode 0600, atomically). It holds key material: keep it private."""
-        atomic_write_bytes(path, json.dumps(self.to_json(), indent=2).encode(), mode=0o600)
+        try:
+            text = json.dumps(self.to_json(), indent=2, allow_nan=False)
+        except ValueError:
+            raise ProfileError("the profile holds NaN or an infinity in a source's info, which JSON cannot hold; "
+                               "this is a bug in that source: report it") from None
+        atomic_write_bytes(path, text.encode(), mode=0o600)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> DeviceProfile:
+        """A profile from its JSON form, every field type-checked (see :meth:`load`).
+
+        Raises:
+            ProfileError: Not a profile, another version, or a field of the wrong type or size.
+        """
         if not isinstance(data, Mapping) or "chiplock_profile" not in data:
             raise ProfileError("this is not a chiplock device profile; create one with `chiplock enroll -o FILE`")
-        if data["chiplock_profile"] != PROFILE_VERSION:
-            raise ProfileError(f"device profile version {data['chiplock_profile']!r} is not supported by this "
+        version = data["chiplock_profile"]
+        if not (isinstance(version, int) and not isinstance(version, bool) and version == PROFILE_VERSION):
+            raise ProfileError(f"device profile version {_show(version)} is not supported by this "
                                f"chiplock (expects {PROFILE_VERSION}); re-enroll the device or upgrade")
-        try:
-            enrollments = tuple(
-                Enrollment(source=str(e["source"]), helper=dict(e["helper"]), material=bytes.fromhex(e["material"]),
-                           entropy_bits=e.get("entropy_bits"), info=dict(e.get("info", {})))
-                for e in data["enrollments"])
-            return cls(enrollments=enrollments, created=float(data.get("created", 0.0)),
-                       host=str(data.get("host", "")))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProfileError(f"the device profile is malformed ({type(exc).__name__}); re-enroll the device "
-                               "with `chiplock enroll -o FILE`") from None
+        unknown = set(data) - _PROFILE_FIELDS
+        if unknown or "enrollments" not in data:
+            _malformed("missing enrollments" if not unknown else f"unknown field(s) {_show(sorted(unknown))}")
+        created, host = data.get("created", 0.0), data.get("host", "")
+        if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
+            _malformed("created is not a finite number")
+        if not isinstance(host, str) or _json.check_tree(host, max_depth=1, max_str=MAX_HOST_CHARS):
+            _malformed(f"host is not a string of at most {MAX_HOST_CHARS} characters")
+        items = data["enrollments"]
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_ENROLLMENTS:
+            _malformed(f"enrollments is not a list of 1 to {MAX_ENROLLMENTS} entries")
+        enrollments = tuple(_enrollment(e) for e in items)
+        names = [e.source for e in enrollments]
+        if len(set(names)) != len(names):
+            _malformed("a source is enrolled twice")
+        return cls(enrollments=enrollments, created=float(created), host=host)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DeviceProfile:
         """Read a profile written by :meth:`save`.
 
+        The file is parsed with caps (size, nesting, number length; no NaN, Infinity or lone surrogates) and
+        every field is type-checked, so a profile that loads can be used by :func:`chiplock.lock`.
+
         Raises:
-            ProfileError: The file is missing, not JSON, not a profile, or of another version.
+            ProfileError: The file is missing, not JSON, over a cap, not a profile, of another version, or has a
+                field of the wrong type (the message names it).
         """
         try:
             with open(path, "rb") as fh:
-                data = json.loads(fh.read())
+                raw = fh.read(MAX_PROFILE_BYTES + 1)
         except FileNotFoundError:
             raise ProfileError(f"device profile {os.fspath(path)!r} not found; create it on the device with "
                                "`chiplock enroll -o FILE`") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except OSError as exc:
             raise ProfileError(f"device profile {os.fspath(path)!r} is unreadable ({type(exc).__name__}); "
-                               "re-enroll the device with `chiplock enroll -o FILE`") from None
+                               "check the path, or re-enroll the device with `chiplock enroll -o FILE`") from None
+        try:
+            data = _json.loads(raw, PROFILE_LIMITS)
+        except _json.JSONLimitError as exc:
+            raise ProfileError(f"device profile {os.fspath(path)!r} is unreadable (it {exc}); re-enroll the "
+                               "device with `chiplock enroll -o FILE`") from None
         return cls.from_json(data)
+
+
+def _show(x: object) -> str:
+    r = repr(x)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _malformed(why: str) -> NoReturn:
+    raise ProfileError(f"the device profile is malformed ({why}); re-enroll the device with "
+                       "`chiplock enroll -o FILE`")
+
+
+def _enrollment(e: Any) -> Enrollment:
+    """One enrollment, checked field by field so that a loaded profile never fails later in ``lock``."""
+    if not isinstance(e, dict) or not {"source", "helper", "material"} <= set(e) or set(e) - _ENROLLMENT_FIELDS:
+        _malformed("an enrollment lacks source, helper or material, or has unknown fields")
+    source = e["source"]
+    if not isinstance(source, str) or source not in available_sources():
+        _malformed(f"source {_show(source)} is not one of {', '.join(available_sources())}")
+    for key in ("helper", "info"):
+        value = e.get(key, {})
+        if not isinstance(value, dict):
+            _malformed(f"the {key} of source {source} is not an object")
+        # Helper data goes into every container locked with this profile: it must pass the container's caps.
+        problem = _json.check_tree(value, max_depth=PROFILE_LIMITS.max_depth - 3, max_str=MAX_PROFILE_BYTES)
+        if problem:
+            _malformed(f"the {key} of source {source} is unfit: {problem}")
+    material = e["material"]
+    if not (isinstance(material, str) and 2 <= len(material) <= 2 * MAX_MATERIAL_BYTES and len(material) % 2 == 0
+            and _HEX.fullmatch(material)):
+        _malformed(f"the material of source {source} is not 1 to {MAX_MATERIAL_BYTES} bytes of hex")
+    bits = e.get("entropy_bits")
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float))
+                             or not math.isfinite(bits) or not 0 <= bits <= MAX_ENTROPY_BITS):
+        _malformed(f"entropy_bits of source {source} is not null or a number from 0 to {MAX_ENTROPY_BITS}")
+    return Enrollment(source=source, helper=e["helper"], material=bytes.fromhex(material),
+                      entropy_bits=None if bits is None else float(bits), info=e.get("info", {}))
 
 
 def enroll(sources: Iterable[str] = ("precision",), *,

@@ -2,6 +2,10 @@
 
 Every test that locks passes ``kdf=fast_kdf`` (Argon2id at 8 KiB, one pass) so the suite stays fast; the
 default parameters are exercised only where their values are checked.
+
+The ``profile`` fixture rests on the precision source alone (12.5 bits), which ``lock`` refuses without a
+vendor secret (``WeakKey``). A test passes ``secret=`` where that is the usage it checks, and
+``allow_weak_key=True`` where it is about something else and a secret would change what it checks.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def fast_kdf() -> KdfParams:
 
 @pytest.fixture(scope="session")
 def profile() -> chiplock.DeviceProfile:
-    """This machine, enrolled once per test process with the precision source."""
+    """This machine, enrolled once per test process with the precision source (a weak key: see above)."""
     return chiplock.enroll()
 
 

@@ -4,6 +4,9 @@ Layout (identical to safetensors): an 8-byte little-endian header length ``N``, 
 (padded with spaces to a multiple of 8), then the tensor bytes back to back in header order. The header maps
 each tensor name to its stored ``dtype``, ``shape`` and ``data_offsets``; ``__metadata__`` holds one key,
 ``chiplock``, whose value is the JSON string of the chiplock metadata.
+
+The reader validates every field and enforces the caps in ``chiplock/container/spec.md`` before any work
+proportional to what a file claims.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -19,13 +23,31 @@ from typing import Any
 import numpy as np
 from blake3 import blake3
 
-from chiplock.errors import ContainerError, InvalidTag
+from chiplock import _json
+from chiplock.errors import ContainerError, InvalidTag, UnsupportedConfig
 
 FORMAT_NAME = "chiplock"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Caps the reader enforces (see spec.md): a header of 100 MiB holds a model of 100,000 tensors many times over.
 MAX_HEADER = 100 << 20
 TREE_CHUNK = 4 << 20
 MAX_ELEMENTS = 1 << 48
+MAX_DIMS = 64
+MAX_NAME_BYTES = 1024
+MAX_SOURCES = 16
+MAX_PARAMS = 32
+MAX_PARAM_CHARS = 1 << 20
+MAX_PARAM_LIST = 1 << 16
+#: JSON caps for the header (and, counted in the same bytes, the metadata string inside it).
+HEADER_LIMITS = _json.Limits(max_bytes=MAX_HEADER, max_depth=64, max_containers=2_000_000, max_items=3_000_000)
+
+_HEX = re.compile(r"[0-9a-f]*")
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+_TENSOR_FIELDS = frozenset({"dtype", "shape", "params", "digest"})
+_REQUIRED_FIELDS = frozenset({"format", "version", "transform", "kdf", "sources", "secret", "key_check", "tensors",
+                              "header_digest"})
+_OPTIONAL_FIELDS = frozenset({"created_by", "header_mac", "signature"})
 
 #: Stored dtypes the reader accepts (safetensors spelling) -> item size in bytes.
 STORED_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -86,6 +108,13 @@ def build_header(meta: dict[str, Any], entries: list[tuple[str, str, tuple[int, 
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    # A header the reader would refuse must not be written: fail here, before the file gets its name.
+    limits = HEADER_LIMITS
+    if (len(raw) > MAX_HEADER or raw.count(b"{") + raw.count(b"[") > limits.max_containers
+            or raw.count(b",") > limits.max_items):
+        raise UnsupportedConfig(f"the container header for these {len(entries)} tensors would exceed the reader's "
+                                f"caps ({MAX_HEADER >> 20} MiB, {limits.max_containers} JSON objects and arrays, "
+                                f"{limits.max_items} values); split the model into several files")
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -94,8 +123,63 @@ def _fail(why: str) -> ContainerError:
                           "again with `chiplock lock`)")
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], int]:
-    """Parse and validate the header. Returns (chiplock metadata, raw safetensors header, data start)."""
+def _show(x: object, width: int = 40) -> str:
+    """A short repr for messages: a hostile file may hold megabyte-long values."""
+    r = repr(x)
+    return r if len(r) <= width else r[:width - 3] + "..."
+
+
+def tensor_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a tensor in a container, or ``None`` when it can.
+
+    A name must be a non-empty string of at most :data:`MAX_NAME_BYTES` UTF-8 bytes, not ``__metadata__``
+    (safetensors' reserved key), without NUL characters or lone surrogates (both break other readers).
+    """
+    if not isinstance(name, str):
+        return "is not a string"
+    if not name:
+        return "is empty"
+    if name == "__metadata__":
+        return "is __metadata__, which safetensors reserves"
+    if "\0" in name:
+        return "contains a NUL character"
+    try:
+        n = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "contains a lone surrogate (invalid Unicode)"
+    if n > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_hex(x: object, nbytes: int) -> bool:
+    return isinstance(x, str) and len(x) == 2 * nbytes and _HEX.fullmatch(x) is not None
+
+
+def _parse(raw: bytes, what: str) -> Any:
+    try:
+        return _json.loads(raw, HEADER_LIMITS)
+    except _json.JSONLimitError as exc:
+        raise _fail(f"{what} {exc}") from None
+
+
+def read_header(path: str | os.PathLike, *, max_kdf_memory_kib: int | None = None,
+                ) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Parse and validate the header. Returns (chiplock metadata, raw safetensors header, data start).
+
+    Every field is type-checked and every size capped before work proportional to what the file claims: the
+    header is parsed with :mod:`chiplock._json`'s caps, shapes have at most :data:`MAX_DIMS` dims, and the KDF
+    cost is checked against ``max_kdf_memory_kib`` (default :func:`chiplock.keys.kdf.max_memory_kib`).
+
+    Raises:
+        ContainerError: The file is not an intact container of this version.
+        InvalidTag: The header digest does not match (the header was altered).
+        UnsupportedConfig: The file uses a transform this chiplock does not know.
+    """
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
@@ -110,78 +194,170 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
         raise ContainerError(f"{os.fspath(path)!r} does not exist; check the path") from None
     except IsADirectoryError:
         raise ContainerError(f"{os.fspath(path)!r} is a folder, not a chiplock file") from None
+    except OSError as exc:
+        raise ContainerError(f"{os.fspath(path)!r} cannot be read ({exc.strerror or type(exc).__name__}); "
+                             "check the path and its permissions") from None
+    if len(raw) != n:
+        raise _fail("the file is truncated")
+    header = _parse(raw, "the header")
+    del raw
+    md = header.get("__metadata__") if isinstance(header, dict) else None
+    if not (isinstance(md, dict) and set(md) == {FORMAT_NAME} and isinstance(md[FORMAT_NAME], str)):
+        raise _fail("the header has no chiplock metadata")
     try:
-        header = json.loads(raw)
-        meta = json.loads(header["__metadata__"][FORMAT_NAME])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise _fail("the header has no chiplock metadata") from None
+        inner = md[FORMAT_NAME].encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail("the chiplock metadata holds a lone surrogate (invalid Unicode)") from None
+    meta = _parse(inner, "the chiplock metadata")
+    del inner
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise _fail("the header has no chiplock metadata")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ContainerError(f"container version {meta.get('version')!r} is not supported by this chiplock "
+    version = meta.get("version")
+    if _is_int(version) and version == 1:
+        raise ContainerError("this container (version 1) was written by an older chiplock whose pre-aes encoding "
+                             "had a key oracle; it is no longer read: lock the model again with this chiplock")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise ContainerError(f"container version {_show(version)} is not supported by this chiplock "
                              f"(it reads version {FORMAT_VERSION}); upgrade chiplock or re-lock the model")
     if meta.get("header_digest") != header_digest(meta):
         raise InvalidTag() from None
+    entries = _tensor_entries(header)
     # Every byte after the header must belong to exactly one tensor, in order: no gaps, no overlap, no tail.
     offset = 0
-    for name, entry in _tensor_entries(header):
-        if entry["dtype"] not in STORED_DTYPES or entry["data_offsets"][0] != offset:
-            raise _fail(f"tensor entry {name!r} is malformed")
-        numel = math.prod(entry["shape"])
-        if entry["data_offsets"][1] - offset != numel * STORED_DTYPES[entry["dtype"]]:
-            raise _fail(f"tensor entry {name!r} has a size that does not match its shape")
-        offset = entry["data_offsets"][1]
+    for name, entry in entries:
+        begin, end = entry["data_offsets"]
+        if begin != offset:
+            raise _fail(f"tensor entry {_show(name)} does not start where the previous one ends")
+        if end - begin != math.prod(entry["shape"]) * STORED_DTYPES[entry["dtype"]]:
+            raise _fail(f"tensor entry {_show(name)} has a size that does not match its shape")
+        offset = end
     if 8 + n + offset != size:
         raise _fail("the file is truncated or has trailing bytes")
-    _check_metadata(meta, dict(_tensor_entries(header)))
+    _check_metadata(meta, dict(entries), max_kdf_memory_kib)
     return meta, header, 8 + n
 
 
-def _check_metadata(meta: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
+def _tensor_entries(header: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The safetensors entries, validated one by one (cheap checks first), in data order."""
+    entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    for name, entry in entries:
+        problem = tensor_name_problem(name)
+        if problem:
+            raise _fail(f"a tensor name {problem}")
+        if not (isinstance(entry, dict) and set(entry) == _ENTRY_FIELDS and isinstance(entry["dtype"], str)
+                and entry["dtype"] in STORED_DTYPES):
+            raise _fail(f"tensor entry {_show(name)} is malformed")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        # Dims are counted and bounded before they are multiplied: 60,000 dims of 2**47 would otherwise cost
+        # seconds of big-integer arithmetic.
+        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+                and all(_is_int(d) and 0 <= d < MAX_ELEMENTS for d in shape)
+                and math.prod(shape) < MAX_ELEMENTS):
+            raise _fail(f"tensor entry {_show(name)} has a malformed shape (at most {MAX_DIMS} dims, "
+                        f"fewer than 2**48 elements)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] < 1 << 63):
+            raise _fail(f"tensor entry {_show(name)} has malformed data_offsets")
+    return sorted(entries, key=lambda kv: kv[1]["data_offsets"][0])
+
+
+def _check_metadata(meta: dict[str, Any], entries: dict[str, dict[str, Any]],
+                    max_kdf_memory_kib: int | None = None) -> None:
     """Types and cross-checks of the chiplock metadata against the stored entries.
 
     The header digest only detects accidents: anyone can rewrite an unsigned file's metadata and recompute it,
     so nothing in the metadata is trusted before it is checked here.
     """
-    ok = (isinstance(meta.get("transform"), str) and isinstance(meta.get("kdf"), dict)
-          and isinstance(meta.get("sources"), list) and meta["sources"]
-          and all(isinstance(x, dict) and isinstance(x.get("source"), str) and isinstance(x.get("helper"), dict)
-                  for x in meta["sources"])
-          and isinstance(meta.get("secret"), bool) and isinstance(meta.get("tensors"), dict))
-    if not ok:
-        raise _fail("the chiplock metadata is malformed")
-    if set(meta["tensors"]) != set(entries):
+    from chiplock.keys.kdf import KdfParams
+    from chiplock.transforms import available_transforms, get_transform
+
+    missing, unknown = _REQUIRED_FIELDS - set(meta), set(meta) - _REQUIRED_FIELDS - _OPTIONAL_FIELDS
+    if missing or unknown:
+        what = (f"lacks {', '.join(sorted(missing))}" if missing
+                else f"has unknown field(s) {_show(sorted(unknown), 80)}")
+        raise _fail(f"the chiplock metadata {what}")
+    name = meta["transform"]
+    if not isinstance(name, str) or len(name) > 64:
+        raise _fail("the chiplock metadata names no transform")
+    try:
+        tf = get_transform(name)
+    except UnsupportedConfig:
+        raise UnsupportedConfig(f"the file uses transform {_show(name)}, which this chiplock does not know "
+                                f"(it knows {', '.join(available_transforms())}); upgrade chiplock") from None
+    created_by = meta.get("created_by")
+    if created_by is not None and not (isinstance(created_by, str) and len(created_by) <= 256):
+        raise _fail("the chiplock metadata's created_by is not a short string")
+    KdfParams.from_json(meta["kdf"], max_memory_kib=max_kdf_memory_kib)
+    _check_sources(meta["sources"])
+    if not isinstance(meta["secret"], bool):
+        raise _fail("the chiplock metadata's secret flag is not true or false")
+    if meta["key_check"] is not None and not _is_hex(meta["key_check"], 16):
+        raise _fail("the key check is not 16 bytes of lowercase hex")
+    if meta.get("header_mac") is not None and not _is_hex(meta["header_mac"], 32):
+        raise _fail("the header MAC is not 32 bytes of lowercase hex")
+    sig = meta.get("signature")
+    if sig is not None and not (isinstance(sig, dict) and set(sig) == {"alg", "public_key", "sig"}
+                                and sig["alg"] == "ed25519" and _is_hex(sig["public_key"], 32)
+                                and _is_hex(sig["sig"], 64)):
+        raise _fail("the signature is malformed (it must be ed25519 with a 32-byte public key and a 64-byte "
+                    "signature, in lowercase hex)")
+    tensors = meta["tensors"]
+    if not isinstance(tensors, dict) or set(tensors) != set(entries):
         raise _fail("the metadata and the stored tensors disagree")
-    for name, info in meta["tensors"].items():
-        entry = entries[name]
-        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in STORED_DTYPES
-                and isinstance(info.get("params"), dict)
-                and isinstance(info.get("digest"), str) and info.get("shape") == entry["shape"]):
-            raise _fail(f"the metadata of tensor {name!r} is malformed or disagrees with the stored tensor")
-        if meta["transform"] == "pre-aes":
-            expected = min(2 * STORED_DTYPES[info["dtype"]], 8)
-            if entry["dtype"] not in ("U16", "U32", "U64") or STORED_DTYPES[entry["dtype"]] != expected:
-                raise _fail(f"tensor {name!r} is stored with a code width that does not match its dtype")
-        elif entry["dtype"] != info["dtype"]:
-            raise _fail(f"tensor {name!r} is stored with another dtype than its metadata says")
+    for tname, info in tensors.items():
+        entry = entries[tname]
+        if not (isinstance(info, dict) and set(info) == _TENSOR_FIELDS and isinstance(info["dtype"], str)
+                and info["dtype"] in STORED_DTYPES and info["shape"] == entry["shape"]
+                and _is_hex(info["digest"], 32)):
+            raise _fail(f"the metadata of tensor {_show(tname)} is malformed or disagrees with the stored tensor")
+        _check_params(tname, info["params"])
+        try:
+            stored = tf.stored_dtype(info["dtype"])
+        except UnsupportedConfig:
+            raise _fail(f"tensor {_show(tname)} has dtype {info['dtype']}, which transform {tf.name} cannot "
+                        "store") from None
+        if entry["dtype"] != stored:
+            raise _fail(f"tensor {_show(tname)} is stored as {entry['dtype']}, but transform {tf.name} stores "
+                        f"{info['dtype']} as {stored}")
 
 
-def _tensor_entries(header: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
-    for name, entry in entries:
-        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
-                and isinstance(entry.get("shape"), list)
-                and all(type(d) is int and 0 <= d < MAX_ELEMENTS for d in entry["shape"])
-                and math.prod(entry["shape"]) < MAX_ELEMENTS
-                and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
-                and all(isinstance(o, int) for o in entry["data_offsets"])):
-            raise _fail(f"tensor entry {name!r} is malformed")
-    return sorted(entries, key=lambda kv: kv[1]["data_offsets"][0])
+def _check_sources(sources: Any) -> None:
+    if not (isinstance(sources, list) and 1 <= len(sources) <= MAX_SOURCES):
+        raise _fail(f"the chiplock metadata's sources are not a list of 1 to {MAX_SOURCES} entries")
+    names = set()
+    for s in sources:
+        if not (isinstance(s, dict) and set(s) == {"source", "helper"} and isinstance(s["source"], str)
+                and _SOURCE_NAME.fullmatch(s["source"]) and isinstance(s["helper"], dict)):
+            raise _fail("a fingerprint source entry is malformed")
+        if s["source"] in names:
+            raise _fail(f"fingerprint source {s['source']!r} is listed twice")
+        names.add(s["source"])
+        # The helper is the source's own format (each source checks it when reproducing); here only its shape.
+        problem = _json.check_tree(s["helper"], max_depth=HEADER_LIMITS.max_depth, max_str=MAX_HEADER)
+        if problem:
+            raise _fail(f"the helper data of source {s['source']!r} is malformed: {problem}")
 
 
-def map_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], list[StoredTensor]]:
-    """Validate the header and map every stored tensor read-only (no bytes are copied)."""
-    meta, header, start = read_header(path)
+def _scalar_ok(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= MAX_PARAM_CHARS)
+
+
+def _check_params(name: str, params: Any) -> None:
+    # Each transform checks the meaning of its parameters when decoding; here only that they are a small map of
+    # JSON scalars or flat lists of scalars, so a transform never meets a nested or huge value.
+    if not (isinstance(params, dict) and len(params) <= MAX_PARAMS
+            and all(isinstance(k, str) and len(k) <= 64 for k in params)
+            and all(_scalar_ok(v) or (isinstance(v, list) and len(v) <= MAX_PARAM_LIST
+                                      and all(_scalar_ok(x) for x in v)) for v in params.values())):
+        raise _fail(f"the public parameters of tensor {_show(name)} are malformed (at most {MAX_PARAMS} values, "
+                    f"each a scalar, a string of at most {MAX_PARAM_CHARS} characters or a list of at most "
+                    f"{MAX_PARAM_LIST} scalars)")
+
+
+def map_tensors(path: str | os.PathLike, *, max_kdf_memory_kib: int | None = None,
+                ) -> tuple[dict[str, Any], list[StoredTensor]]:
+    """Validate the header (see :func:`read_header`) and map every stored tensor read-only (no bytes copied)."""
+    meta, header, start = read_header(path, max_kdf_memory_kib=max_kdf_memory_kib)
     size = os.path.getsize(path)
     mm = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
     tensors = []

@@ -1,8 +1,11 @@
 """`chiplock fingerprint`: measure this device's fingerprint sources and print public facts about them.
 
-``chiplock fingerprint --source {precision,clock,sram,all} [--json]`` enrolls each source once and prints a
-short public identifier, the entropy estimate and the time; ``chiplock fingerprint report`` measures each
-source many times and writes a Markdown report with per-bit reliability maps. Neither prints key material.
+``chiplock fingerprint --source {precision,clock,sram,all} [--json] [--sensitive]`` enrolls each source once and
+prints the entropy estimate, the public helper data and the time; only ``--sensitive`` adds ids of the material,
+per-probe ids and configuration facts (they identify the configuration among enumerated candidates).
+``chiplock fingerprint report`` measures each source many times and writes a Markdown report with per-bit
+reliability maps and, with ``--enumerate``, the precision source's measured configuration space. Neither prints
+key material.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from chiplock._io import check_output_folder
 from chiplock.errors import FingerprintError
 from chiplock.fingerprint import available_sources, get_source
 
@@ -29,6 +33,10 @@ _SOURCE_HELP = "Source to measure (precision, clock, sram) or 'all'."
 _DEVICE_HELP = "Where precision and clock measure: cpu, cuda or auto (precision only)."
 _DUMP_HELP = "SRAM dump file for the sram source (default $CHIPLOCK_SRAM_DUMP)."
 _SIM_HELP = "Simulated SRAM device name for the sram source (default $CHIPLOCK_SRAM_SIM_DEVICE)."
+_ENUM_HELP = ("Also enumerate the configurations software can reach here (environment variables, thread "
+              "counts) and count distinct precision fingerprints: a few minutes of fresh processes.")
+_SENSITIVE_HELP = ("Also print ids of the material, per-probe ids and this machine's configuration (CPU, ISA, "
+                   "library versions, threads). They identify the configuration: keep that output private.")
 
 
 def _options(name: str, device: str, sram_dump: Optional[Path], sram_sim: Optional[str]) -> dict[str, Any]:
@@ -43,6 +51,27 @@ def _options(name: str, device: str, sram_dump: Optional[Path], sram_sim: Option
     return {}
 
 
+#: Enrollment ``info`` keys that describe the configuration; printed only with ``--sensitive``.
+SENSITIVE_INFO = frozenset({"probes", "config", "threads", "cpu", "gpu"})
+
+
+def _public(enrollment: Any) -> dict[str, Any]:
+    """What may be published about one enrollment: no digest of the material, no configuration facts."""
+    return {"entropy_bits": enrollment.entropy_bits, "helper": enrollment.helper,
+            "info": {k: v for k, v in enrollment.info.items() if k not in SENSITIVE_INFO}}
+
+
+def _sensitive(name: str, enrollment: Any, device: str) -> dict[str, Any]:
+    # Unsalted ids compare across runs and machines, which is what --sensitive is for; they also name the
+    # configuration to anyone who enumerates candidates, which is why they are not printed by default.
+    out: dict[str, Any] = {"id": hashlib.sha256(b"chiplock/id" + enrollment.material).hexdigest()[:8]}
+    if name == "precision":
+        from chiplock.fingerprint.precision import probe_digests, probe_ids
+
+        out["probes"] = probe_ids(probe_digests(enrollment.helper.get("device", device)))
+    return out
+
+
 def _names(source: str) -> list[str]:
     if source == "all":
         return available_sources()
@@ -55,8 +84,15 @@ def fingerprint(ctx: typer.Context,
                 as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
                 device: str = typer.Option("cpu", help=_DEVICE_HELP),
                 sram_dump: Optional[Path] = typer.Option(None, help=_DUMP_HELP),
-                sram_sim: Optional[str] = typer.Option(None, help=_SIM_HELP)) -> None:
-    """Measure SOURCE and print a short, non-secret identifier plus per-source facts."""
+                sram_sim: Optional[str] = typer.Option(None, help=_SIM_HELP),
+                sensitive: bool = typer.Option(False, "--sensitive", help=_SENSITIVE_HELP)) -> None:
+    """Measure SOURCE and print public facts per source (entropy, helper data, timings).
+
+    The default output is safe to publish: it holds no digest of fingerprint material and no configuration facts.
+    With --sensitive it adds a 32-bit id of each source's material, per-probe ids (precision) and this machine's
+    configuration (CPU, ISA, library versions, thread counts); those let an attacker who enumerates
+    configurations recognise the right one at once, so keep that output private.
+    """
     if ctx.invoked_subcommand is not None:
         return
     results: dict[str, Any] = {}
@@ -69,20 +105,26 @@ def fingerprint(ctx: typer.Context,
                 raise
             skipped[name] = str(exc)
             continue
-        # A short hash of the material is public-safe: it identifies, it does not unlock (32 bits of a SHA-256).
-        ident = hashlib.sha256(b"chiplock/id" + enrollment.material).hexdigest()[:8]
-        results[name] = {"id": ident, "entropy_bits": enrollment.entropy_bits, "helper": enrollment.helper,
-                         "info": enrollment.info}
+        results[name] = _public(enrollment)
+        if sensitive:
+            results[name].update(_sensitive(name, enrollment, device))
+    extra: dict[str, Any] = {"skipped": skipped} if skipped else {}
+    if sensitive:
+        from chiplock.fingerprint.precision import config_facts
+
+        extra["config"] = config_facts()
     if as_json:
-        typer.echo(json.dumps({**results, **({"skipped": skipped} if skipped else {})}, indent=2))
+        typer.echo(json.dumps({**results, **extra}, indent=2))
         return
-    table = Table(title="Hardware fingerprint")
-    for col in ("source", "id", "entropy bits", "seconds"):
+    table = Table(title="Hardware fingerprint" + (" (SENSITIVE: keep private)" if sensitive else ""))
+    for col in ("source", *(("id",) if sensitive else ()), "entropy bits", "seconds"):
         table.add_column(col)
     for name, r in results.items():
         ent = "unknown" if r["entropy_bits"] is None else f"{r['entropy_bits']:.1f}"
-        table.add_row(name, r["id"], ent, f"{r['info'].get('seconds', float('nan')):.2f}")
+        table.add_row(name, *((r["id"],) if sensitive else ()), ent, f"{r['info'].get('seconds', float('nan')):.2f}")
     console.print(table)
+    if sensitive:
+        console.print_json(json.dumps(extra["config"]))
     for name, why in skipped.items():
         console.print(f"[yellow]{name} skipped:[/] {why}")
 
@@ -94,14 +136,20 @@ def report(source: str = typer.Option("all", help=_SOURCE_HELP),
            device: str = typer.Option("cpu", help=_DEVICE_HELP),
            sram_dump: Optional[Path] = typer.Option(None, help=_DUMP_HELP),
            sram_sim: Optional[str] = typer.Option(None, help=_SIM_HELP),
-           as_json: bool = typer.Option(False, "--json", help="Print the results as JSON.")) -> None:
+           as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+           enumerate_: bool = typer.Option(False, "--enumerate", help=_ENUM_HELP),
+           workers: int = typer.Option(2, min=1, help="Fresh processes at once for --enumerate.")) -> None:
     """Measure each source TRIALS times; write report.md, report.json and reliability PNGs to OUT."""
     from dataclasses import asdict
 
-    from chiplock.fingerprint.report import measure_source, write_report
+    from chiplock.fingerprint.report import measure_source, public_enumeration, write_report
+
+    # Fail on an unusable output folder before minutes of measurements (rich's progress stays off when
+    # stderr is no terminal, so an error is one line).
+    check_output_folder(out)
 
     reports, skipped = [], {}
-    with Progress(console=err_console, transient=True) as bar:
+    with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
         for name in _names(source):
             task = bar.add_task(f"{name}", total=trials)
             try:
@@ -113,11 +161,26 @@ def report(source: str = typer.Option("all", help=_SOURCE_HELP),
                     raise
                 skipped[name] = str(exc)
             bar.remove_task(task)
-    md = write_report(reports, out, skipped=skipped)
+    enumeration = None
+    if enumerate_:
+        from chiplock.fingerprint.configurations import enumerate_configurations
+
+        with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
+            tasks: dict[str, Any] = {}
+
+            def tick(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(f"precision configurations: {stage}", total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            enumeration = enumerate_configurations(device="cuda" if device == "cuda" else "cpu", workers=workers,
+                                                   progress=tick)
+    md = write_report(reports, out, skipped=skipped, enumeration=enumeration)
     if as_json:
         typer.echo(json.dumps({"report": str(md), "sources": [
             {k: v for k, v in asdict(r).items() if k not in ("flip_rates", "labels")} for r in reports],
-            "skipped": skipped}, indent=2))
+            "skipped": skipped,
+            **({"precision_enumeration": public_enumeration(enumeration)} if enumeration else {})}, indent=2))
     else:
         typer.echo(md.read_text())
         console.print(f"wrote [bold]{md}[/] and reliability maps in {out}")

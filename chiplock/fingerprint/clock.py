@@ -11,33 +11,64 @@ Enrollment measures the profile several times, estimates each feature's spread `
 with a bin of width ``2 * margin * sigma_i`` whose offset puts the enrolled value in the middle of its bin,
 so a re-measurement changes bin only when it moves more than ``margin`` standard deviations. Bin indices are
 Gray-coded (a step to the neighbouring bin flips one bit) and a BCH syndrome fuzzy extractor absorbs the rare
-flips that remain. Reproduction takes the median of a few profiles, and measures once more if decoding fails.
+flips that remain.
 
-Honest entropy: the ratios identify a *kind* of machine (CPU model, memory, library build, configuration)
-far more than one unit, and an attacker can measure the same model. The credited entropy is the smaller of
-(a) the bin-index uncertainty if each feature ranged over a factor of ``SPREAD`` across machines and (b) the
-SP 800-90B non-IID estimate on the bits, minus the BCH parity the helper reveals. It is small by nature.
+Wrong decodes are detected. Beyond ``t`` flips BCH can miscorrect to another codeword and return a wrong key
+without an error. The helper therefore holds a 16-bit *check value*, computed with Argon2id over the decoded
+material; reproduction measures again (up to ``attempts`` times) until a decode passes the check, and raises
+:class:`~chiplock.errors.FingerprintError` otherwise. The check costs one Argon2id per candidate and has too few
+bits to single out a guess among many (see :func:`check_value`).
+
+Honest entropy: the ratios identify a *kind* of machine (CPU model, memory, library build, configuration,
+load), not one unit. Measured the way the precision source's is, by reproducing one enrollment's key in fresh
+processes that play "other machines of the same kind" (:func:`cross_machine_test`), every such process
+reproduced the enrolled key: what other machines of the kind do not reproduce is about nothing, so the credit
+is :data:`CROSS_MACHINE_BITS` (0 bits) unless a cross-machine test on the enrolling machine measures more.
+Binding a key to one unit needs the SRAM or TPM source or a vendor secret.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
 import time
 import zlib
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-from chiplock.errors import FingerprintError
+from chiplock.errors import ChiplockError, ContainerError, FingerprintError
 from chiplock.fingerprint.base import Enrollment, FingerprintSource, register_source
 from chiplock.fingerprint.entropy import assess
 from chiplock.keys.fuzzy import CodeParams, FuzzyExtractor
+from chiplock.keys.kdf import KdfParams
 
-CLOCK_VERSION = 1
-#: Assumed spread of one timing ratio across machines (a factor of 4), for the entropy credit.
+CLOCK_VERSION = 2
+#: Helper versions :meth:`ClockSource.reproduce` still reads (version 1 has no check value).
+READABLE_VERSIONS = (1, 2)
+#: Assumed spread of one timing ratio across machines (a factor of 4), for the within-machine estimate.
 SPREAD = math.log(4.0)
 MAX_BITS_PER_OP = 4
+#: Bits of the Argon2id check value on the decoded material (at most 16: see :func:`check_value`).
+CHECK_BITS = 16
+#: Argon2id cost of the check: 64 MiB like the default master KDF, 2 passes, 1 lane (0.08-0.18 s on the 2-core
+#: development VM, where the default master KDF takes 0.4-0.9 s).
+CHECK_COST = {"iterations": 2, "lanes": 1, "memory_kib": 64 * 1024}
+_CHECK_DOMAIN = b"chiplock/clock-check/v1"
+#: Measurements :meth:`ClockSource.reproduce` takes before it gives up.
+ATTEMPTS = 5
+#: Credited entropy when no cross-machine test runs at enrollment: what other machines of the same kind did
+#: not reproduce in ``benchmarks/fingerprint_clock.py --cross`` (every variant reproduced the enrolled key).
+CROSS_MACHINE_BITS = 0.0
 
 
 def _cpu_ops() -> dict[str, Callable[[], Any]]:
@@ -159,6 +190,39 @@ def _syndrome_params(n_bits: int, t: int) -> CodeParams:
     raise FingerprintError(f"no BCH code protects {n_bits} clock bits with t={t}; lower bch_t")
 
 
+def _check_params(cost: dict[str, int], salt: str | None = None) -> KdfParams:
+    """Argon2id parameters of the check, validated with the master KDF's caps (a crafted file asks no more)."""
+    return KdfParams.from_json({"algorithm": "argon2id", "salt": salt if salt is not None else os.urandom(16).hex(),
+                                "iterations": cost["iterations"], "lanes": cost["lanes"],
+                                "memory_kib": cost["memory_kib"]})
+
+
+def check_value(material: bytes, params: KdfParams, bits: int = CHECK_BITS) -> bytes:
+    """The helper's check on decoded clock material: the top ``bits`` of Argon2id(domain || material), 2 bytes.
+
+    Why the check leaks no more than a guess would. (1) Cost: the value is a function of an Argon2id output, so
+    testing one candidate reading costs one Argon2id with 64 MiB (the master KDF's memory); there is no cheaper
+    path to it. (2) Ambiguity: a wrong candidate passes with probability ``2**-bits`` (at most 16 bits), so among
+    N candidates about ``N / 2**16`` wrong ones pass too: the check shortens a list of guesses by at most 2^16
+    and never singles out the right one among more than ~2^16; each survivor must still be tried against the
+    file with its master Argon2id (and, for pre-aes, a model evaluation). (3) Leakage: a ``bits``-bit value
+    reveals at most ``bits`` bits of the material; the within-machine estimate is charged for them. (4) Scope:
+    it covers the clock material only, never a vendor secret or another source's material, so it cannot
+    confirm a guess of the whole key. The BCH syndrome in the same helper already tells anyone, for free,
+    whether a candidate reading is consistent; the check adds at most 16 bits of that kind, at Argon2id cost.
+
+    Args:
+        material: The fuzzy extractor's output.
+        params: Salt and Argon2id cost (from the helper).
+        bits: Check bits, 1..16.
+    """
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be in 1..16 (a longer check would confirm guesses), got {bits}")
+    digest = Argon2id(salt=params.salt, length=32, iterations=params.iterations, lanes=params.lanes,
+                      memory_cost=params.memory_kib).derive(_CHECK_DOMAIN + material)
+    return (int.from_bytes(digest[:2], "big") >> (16 - bits)).to_bytes(2, "big")
+
+
 @register_source
 class ClockSource(FingerprintSource):
     """Timing profile of a fixed set of operations, quantised with enrollment-chosen bins, BCH-protected.
@@ -174,6 +238,11 @@ class ClockSource(FingerprintSource):
         sigma_floor: Smallest spread assumed for a feature (log units). Enrollment sees a few seconds; the
             default 0.1 is the long-run spread measured over minutes on a loaded 2-core VM (2026-11-22).
         bch_t: Bit flips the BCH code corrects.
+        attempts: Measurements :meth:`reproduce` takes until a decode passes the check.
+        check_cost: Argon2id cost of the check value (``iterations``, ``lanes``, ``memory_kib``); default
+            :data:`CHECK_COST`. Lower it only in tests: a cheap check is a cheap filter for guesses.
+        cross_machine: Run :func:`cross_machine_test` at enrollment (about a minute) and credit what it measures
+            instead of :data:`CROSS_MACHINE_BITS`.
         measure: Test hook: a callable returning one profile (feature vector); replaces real timing.
 
     Example:
@@ -186,16 +255,26 @@ class ClockSource(FingerprintSource):
 
     def __init__(self, device: str = "cpu", *, rounds: int = 100, quantile: float = 0.1, enroll_profiles: int = 8,
                  reproduce_profiles: int = 3, margin: float = 4.0, sigma_floor: float = 0.1, bch_t: int = 2,
+                 attempts: int = ATTEMPTS, check_cost: dict[str, int] | None = None, cross_machine: bool = False,
                  measure: Callable[[], np.ndarray] | None = None) -> None:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
         if rounds < 10 or not 0.0 < quantile < 1.0 or enroll_profiles < 3 or reproduce_profiles < 1:
             raise ValueError("need rounds >= 10, 0 < quantile < 1, enroll_profiles >= 3, reproduce_profiles >= 1")
-        if margin <= 0 or sigma_floor <= 0 or bch_t < 1:
-            raise ValueError("margin and sigma_floor must be > 0 and bch_t >= 1")
+        if margin <= 0 or sigma_floor <= 0 or bch_t < 1 or attempts < 1:
+            raise ValueError("margin and sigma_floor must be > 0, bch_t >= 1 and attempts >= 1")
+        if cross_machine and measure is not None:
+            raise ValueError("cross_machine measures real timings in fresh processes; it cannot use a measure hook")
+        self.check_cost = dict(CHECK_COST if check_cost is None else check_cost)
+        try:
+            _check_params(self.check_cost)
+        except (ChiplockError, KeyError) as exc:
+            raise ValueError(f"check_cost must hold iterations, lanes and memory_kib within the KDF caps ({exc})") \
+                from None
         self.device, self.rounds, self.quantile = device, int(rounds), float(quantile)
         self.enroll_profiles, self.reproduce_profiles = int(enroll_profiles), int(reproduce_profiles)
         self.margin, self.sigma_floor, self.bch_t = float(margin), float(sigma_floor), int(bch_t)
+        self.attempts, self.cross_machine = int(attempts), bool(cross_machine)
         self._measure = measure
 
     # Measurement -----------------------------------------------------------------------------------------
@@ -230,30 +309,38 @@ class ClockSource(FingerprintSource):
         bits = gray(quantise(centre, width, offset), n_bits)
         params = _syndrome_params(bits.size, self.bch_t)
         material, fuzzy_helper = FuzzyExtractor(params=params).generate(bits)
+        check = _check_params(self.check_cost)
         # How often the enrollment profiles themselves would have landed in another bin: an in-sample BER.
         readings = np.vstack([gray(quantise(x, width, offset), n_bits) for x in xs])
         assessment = assess(bits)
         credit = float(np.minimum(credit_per_op, n_bits).sum())
-        entropy = params.remaining_entropy(min(credit, assessment.total_bits))
+        # Within one machine: bin uncertainty or SP 800-90B, less the BCH parity and the check value.
+        within = max(0.0, params.remaining_entropy(min(credit, assessment.total_bits)) - CHECK_BITS)
         helper = {"version": CLOCK_VERSION, "device": self.device, "ops": names, "rounds": self.rounds,
                   "quantile": self.quantile, "profiles": self.reproduce_profiles,
                   "width": [round(float(w), 9) for w in width], "offset": [round(float(o), 9) for o in offset],
-                  "bits": n_bits.tolist(), "fuzzy": fuzzy_helper}
+                  "bits": n_bits.tolist(), "fuzzy": fuzzy_helper,
+                  "check": {"salt": check.salt.hex(), "iterations": check.iterations, "lanes": check.lanes,
+                            "memory_kib": check.memory_kib, "bits": CHECK_BITS,
+                            "value": check_value(material, check).hex()}}
+        cross: dict[str, Any] | None = None
+        cross_bits = CROSS_MACHINE_BITS
+        if self.cross_machine:
+            result = cross_machine_test(helper, material)
+            cross, cross_bits = result.to_json(), result.credited_bits
         elapsed = time.perf_counter() - start
         return Enrollment(
-            source=self.name, helper=helper, material=material, entropy_bits=entropy,
+            source=self.name, helper=helper, material=material, entropy_bits=min(within, cross_bits),
             info={"seconds": elapsed, "seconds_per_profile": elapsed / self.enroll_profiles,
                   "n_bits": int(bits.size), "sigma": sigma.round(4).tolist(), "credit_bits": credit,
-                  "leakage_bits": params.leakage_bits, "assessment": assessment.to_json(),
+                  "leakage_bits": params.leakage_bits, "check_bits": CHECK_BITS, "within_machine_bits": within,
+                  "cross_machine_bits": cross_bits, "cross_machine": cross, "assessment": assessment.to_json(),
                   "enroll_ber": float((readings != bits).mean()), "code": params.to_json(),
-                  "entropy_note": "timing ratios identify a kind of machine more than a unit; an attacker "
-                                  "with the same CPU model and libraries may reproduce most bits"})
+                  "entropy_note": "timing identifies a kind of machine (and its load and configuration), not a "
+                                  "unit: other machines of the same kind reproduce this key, so it is credited "
+                                  "what they do not reproduce; bind a unit with sram, tpm or a vendor secret"})
 
-    def raw_bits(self, helper: dict[str, Any]) -> np.ndarray:
-        """One fresh reading of the quantised bits (secret; for local statistics and reports)."""
-        self._check(helper)
-        names, xs = self._profiles(int(helper.get("profiles", 1)), helper["device"], int(helper["rounds"]),
-                                   float(helper["quantile"]))
+    def _reading(self, helper: dict[str, Any], names: list[str] | None, xs: np.ndarray) -> np.ndarray:
         if names is not None and names != helper["ops"]:
             raise FingerprintError("this chiplock times a different set of operations than the one that locked "
                                    "the file; use the chiplock version that locked it")
@@ -264,23 +351,67 @@ class ClockSource(FingerprintSource):
                                    "use the chiplock version that locked it")
         return gray(quantise(x, width, offset), np.asarray(helper["bits"]))
 
-    def reproduce(self, helper: dict[str, Any], *, attempts: int = 3) -> bytes:
-        fuzzy = helper.get("fuzzy") if isinstance(helper, dict) else None
-        for attempt in range(attempts):
-            try:
-                bits = self.raw_bits(helper)
-                return FuzzyExtractor.from_helper(fuzzy).reproduce(bits, fuzzy)
-            except FingerprintError as exc:
-                # A burst of load can push a profile past the margins; decoding failure is detected, so measure
-                # again. Other errors (wrong version, missing GPU) do not improve with time.
-                if "enrolled" not in str(exc) or attempt == attempts - 1:
-                    raise
-        raise AssertionError("unreachable")
+    def _measure_profiles(self, helper: dict[str, Any]) -> tuple[list[str] | None, np.ndarray]:
+        return self._profiles(int(helper.get("profiles", 1)), helper["device"], int(helper["rounds"]),
+                              float(helper["quantile"]))
+
+    def raw_bits(self, helper: dict[str, Any]) -> np.ndarray:
+        """One fresh reading of the quantised bits (secret; for local statistics and reports)."""
+        self._check(helper)
+        return self._reading(helper, *self._measure_profiles(helper))
+
+    def reproduce(self, helper: dict[str, Any], *, attempts: int | None = None) -> bytes:
+        """Measure until a decode passes the helper's Argon2id check; return the enrolled material.
+
+        Each attempt measures ``helper["profiles"]`` fresh profiles and decodes their median, then (from the
+        second attempt on) the median of every profile measured so far, which outvotes a burst of load. A
+        decode failure or a decode that fails the check is followed by another attempt.
+
+        Raises:
+            FingerprintError: No decode passed in ``attempts`` measurements (too noisy now, or another kind of
+                machine), or the helper is damaged or from another version.
+        """
+        check = self._check(helper)
+        attempts = self.attempts if attempts is None else int(attempts)
+        fuzzy = helper["fuzzy"]
+        extractor = FuzzyExtractor.from_helper(fuzzy)
+        pooled: list[np.ndarray] = []
+        for _ in range(attempts):
+            names, xs = self._measure_profiles(helper)
+            pooled.append(xs)
+            candidates = [self._reading(helper, names, xs)]
+            if len(pooled) > 1:
+                candidates.append(self._reading(helper, names, np.vstack(pooled)))
+            tried: set[bytes] = set()
+            for bits in candidates:
+                if bits.tobytes() in tried:
+                    continue
+                tried.add(bits.tobytes())
+                try:
+                    material = extractor.reproduce(bits, fuzzy)
+                except FingerprintError as exc:
+                    # A burst of load can push a profile past the margins; decoding failure is detected, so
+                    # measure again. Other errors (a damaged helper) do not improve with time.
+                    if "enrolled" not in str(exc):
+                        raise
+                    continue
+                if check is None:  # A version-1 helper has no check: its first decode is all there is.
+                    return material
+                params, n_bits, value = check
+                # BCH beyond t flips can miscorrect to another codeword; the check catches that at the cost of
+                # one Argon2id, and the next attempt measures again.
+                if hmac.compare_digest(check_value(material, params, n_bits), value):
+                    return material
+        raise FingerprintError(f"the clock timing did not reproduce the enrolled key in {attempts} measurements: "
+                               "the machine is too busy or noisy now (retry on an idle machine), or this is not "
+                               "the kind of machine, configuration or load that locked the file")
 
     @staticmethod
-    def _check(helper: dict[str, Any]) -> None:
+    def _check(helper: dict[str, Any]) -> tuple[KdfParams, int, bytes] | None:
+        """Validate the helper; return its check (Argon2id parameters, bits, value), or None for version 1."""
         keys = ("device", "ops", "rounds", "quantile", "width", "offset", "bits", "fuzzy")
-        if not isinstance(helper, dict) or helper.get("version") != CLOCK_VERSION or any(k not in helper for k in keys):
+        if (not isinstance(helper, dict) or helper.get("version") not in READABLE_VERSIONS
+                or any(k not in helper for k in keys)):
             raise FingerprintError("the clock helper data has an unknown version or is damaged; upgrade chiplock "
                                    "or obtain a fresh copy of the file")
         if helper["device"] == "cuda":
@@ -289,3 +420,176 @@ class ClockSource(FingerprintSource):
             if not torch.cuda.is_available():
                 raise FingerprintError("this file's clock fingerprint was enrolled on a CUDA GPU and none is usable "
                                        "here; run on the enrolled GPU machine")
+        if helper["version"] == 1:
+            return None
+        try:
+            c = helper["check"]
+            params, n_bits, value = _check_params(c, str(c["salt"])), int(c["bits"]), bytes.fromhex(c["value"])
+            if not 1 <= n_bits <= CHECK_BITS or len(value) != 2:
+                raise ValueError("check bits or value out of range")
+        except (ContainerError, KeyError, TypeError, ValueError, AttributeError):
+            raise FingerprintError("the clock helper's check value is damaged or asks for more than chiplock's "
+                                   "Argon2id caps; obtain a fresh copy of the file") from None
+        return params, n_bits, value
+
+
+# Cross-machine test ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """One simulated "other machine of the same kind": a fresh process with another configuration or load.
+
+    Attributes:
+        name: Label for reports.
+        env: Environment variables set in the process.
+        cpus: CPUs the process is pinned to (``None``: all it may use).
+        busy_cpu: A CPU kept busy by a spinning process while the variant runs (``None``: none).
+    """
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+    cpus: tuple[int, ...] | None = None
+    busy_cpu: int | None = None
+
+
+def _npy_dispatch_features() -> str:
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__
+    except ImportError:  # numpy < 2 or another layout: leave the variable out.
+        return ""
+    return " ".join(__cpu_dispatch__)
+
+
+def default_variants() -> list[Variant]:
+    """The configurations an attacker reaches in software on a machine of this kind (issue 8, finding 6).
+
+    Thread counts, one-core affinity, a busy loop on the other core or the same one, and each instruction-set
+    limit the libraries honour (torch ``ATEN_CPU_CAPABILITY``, numpy ``NPY_DISABLE_CPU_FEATURES``, oneDNN,
+    OpenBLAS, MKL, glibc's libm), alone and together: the variables :mod:`chiplock.fingerprint.configurations`
+    enumerates for the precision source, at their most restrictive setting.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    first, last = cpus[0], cpus[-1]
+    isa = {"ATEN_CPU_CAPABILITY": "default", "NPY_DISABLE_CPU_FEATURES": _npy_dispatch_features(),
+           "ONEDNN_MAX_CPU_ISA": "SSE41", "ONEDNN_DEFAULT_FPMATH_MODE": "BF16", "OPENBLAS_CORETYPE": "Prescott",
+           "MKL_CBWR": "COMPATIBLE", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+           "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2,-FMA"}
+    isa = {k: v for k, v in isa.items() if v}
+
+    def threads(n: int) -> dict[str, str]:
+        return {k: str(n) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+    return [Variant("fresh process"), Variant("1 thread", threads(1)), Variant("8 threads", threads(8)),
+            Variant(f"pinned to cpu {first}", cpus=(first,)), Variant(f"pinned to cpu {last}", cpus=(last,)),
+            Variant(f"pinned to cpu {first}, busy loop on cpu {last}", cpus=(first,), busy_cpu=last),
+            Variant(f"pinned to cpu {first}, busy loop on the same cpu", cpus=(first,), busy_cpu=first),
+            *(Variant(f"{k}={v}", {k: v}) for k, v in isa.items()), Variant("every ISA limit at once", isa)]
+
+
+@dataclass(frozen=True)
+class CrossMachineResult:
+    """What simulated other machines of the same kind reproduced from one enrollment's helper.
+
+    Attributes:
+        outcomes: Variant name -> ``"enrolled key"``, ``"other key N"`` or ``"failed: <reason>"``.
+        distinct_keys: Distinct keys among the enrolled one and every variant's.
+    """
+
+    outcomes: dict[str, str]
+    distinct_keys: int
+
+    @property
+    def reproduced(self) -> int:
+        """Variants that reproduced the enrolled key."""
+        return sum(v == "enrolled key" for v in self.outcomes.values())
+
+    @property
+    def credited_bits(self) -> float:
+        """``log2(distinct_keys)``: the keys an attacker enumerating these configurations must try.
+
+        Variants that fail are not counted: failing leaves the key no harder to reach from those that succeed.
+        When every variant reproduces the enrolled key, the credit is 0 bits.
+        """
+        return math.log2(max(1, self.distinct_keys))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"outcomes": dict(self.outcomes), "distinct_keys": self.distinct_keys, "reproduced": self.reproduced,
+                "variants": len(self.outcomes), "credited_bits": self.credited_bits}
+
+
+_CHILD = r"""
+import hashlib, json, os, sys
+cpus = json.loads(sys.argv[2])
+if cpus:
+    os.sched_setaffinity(0, cpus)
+from chiplock.errors import FingerprintError
+from chiplock.fingerprint import get_source
+helper = json.load(open(sys.argv[1]))
+try:
+    material = get_source("clock", device=helper["device"]).reproduce(helper)
+    print(json.dumps({"key": hashlib.sha256(b"chiplock/clock-cross/v1" + material).hexdigest()}))
+except FingerprintError as exc:
+    print(json.dumps({"error": str(exc)[:120]}))
+"""
+
+_BUSY = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+
+
+def _run_variant(variant: Variant, helper_path: Path, timeout: float) -> dict[str, str]:
+    busy = None
+    if variant.busy_cpu is not None:
+        busy = subprocess.Popen([sys.executable, "-c", _BUSY, str(variant.busy_cpu)])
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(helper_path), json.dumps(variant.cpus or [])],
+                              capture_output=True, text=True, timeout=timeout, env={**os.environ, **variant.env})
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"process exited with code {proc.returncode}: {tail[:120]}"}
+    return json.loads(lines[-1])
+
+
+def cross_machine_test(helper: dict[str, Any], material: bytes, *, variants: Sequence[Variant] | None = None,
+                       timeout: float = 300.0) -> CrossMachineResult:
+    """Reproduce one enrollment in fresh processes that simulate other machines of the same kind.
+
+    The entropy a timing key is worth against an attacker who owns a machine of the same kind is what such
+    machines do *not* reproduce: this counts the distinct keys they give back (the same way the precision
+    source counts the fingerprints of software-reachable configurations). Children get the public helper only
+    and return a hash of what they reproduce; nothing secret leaves this process.
+
+    Args:
+        helper: The enrollment's public helper.
+        material: The enrollment's material (compared here, never passed on).
+        variants: Configurations to try; default :func:`default_variants`.
+        timeout: Seconds per variant.
+
+    Returns:
+        A :class:`CrossMachineResult`; ``credited_bits`` is the figure to credit.
+
+    Example:
+        >>> e = get_source("clock").enroll()  # doctest: +SKIP
+        >>> cross_machine_test(e.helper, e.material).credited_bits  # doctest: +SKIP
+        0.0
+    """
+    enrolled = hashlib.sha256(b"chiplock/clock-cross/v1" + material).hexdigest()
+    keys = [enrolled]
+    outcomes: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        helper_path = Path(tmp) / "helper.json"
+        helper_path.write_text(json.dumps(helper))
+        for variant in (default_variants() if variants is None else variants):
+            result = _run_variant(variant, helper_path, timeout)
+            if "key" not in result:
+                outcomes[variant.name] = f"failed: {result.get('error', 'no result')}"
+                continue
+            if result["key"] not in keys:
+                keys.append(result["key"])
+            index = keys.index(result["key"])
+            outcomes[variant.name] = "enrolled key" if index == 0 else f"other key {index}"
+    return CrossMachineResult(outcomes=outcomes, distinct_keys=len(keys))

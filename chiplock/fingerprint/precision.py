@@ -11,10 +11,16 @@ Each probe is hashed on its own (:func:`probe_digests`), so two configurations c
 :func:`probe_dependencies`); ``benchmarks/fingerprint_precision.py`` checks those declarations against fresh
 processes with the environment changed, and ``docs/fingerprints.md`` records the result.
 
-Entropy: ``entropy_bits`` is ``None`` on purpose. The fingerprint identifies a *configuration* (CPU
-microarchitecture, library builds, thread count, GPU model), not a unit: its entropy is that of the
-distribution of configurations an attacker must guess among, which one machine cannot measure, and an
-attacker who knows or buys the target's configuration reproduces it exactly. Use a vendor secret with it.
+Entropy: the fingerprint identifies a *configuration* (CPU microarchitecture, library builds, thread count, GPU
+model), not a unit, and an attacker who knows or buys the target's kind of machine reproduces it exactly. What
+is left to guess is the software configuration: :mod:`chiplock.fingerprint.configurations` enumerates what
+environment variables and thread counts reach on one machine and counts the distinct fingerprints.
+``entropy_bits`` is :data:`PRECISION_ENTROPY_BITS`, the log2 of that measured count (a constant, so enrollment
+stays fast; ``chiplock fingerprint report --enumerate`` measures it again here). It is far below the 64 bits
+``lock`` requires: a precision-only key needs a vendor secret.
+
+Nothing this module puts in an enrollment's public ``info`` identifies the configuration: per-probe ids and
+configuration facts (:func:`probe_ids`, :func:`config_facts`) are for ``chiplock fingerprint --sensitive`` only.
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ from chiplock.fingerprint.base import Enrollment, FingerprintSource, register_so
 
 SUITE_VERSION = 2
 SUPPORTED_SUITES = (1, 2)
+#: log2 of the distinct CPU fingerprints that software settings reach on one machine, measured by
+#: ``benchmarks/fingerprint_precision.py --only-enumerate`` on 2026-12-01 (docs/fingerprints.md: AMD EPYC with
+#: AVX-512, 2 vCPUs, torch 2.13.0, numpy 2.4.6): 152 configurations run, composed to 5,760 distinct = 12.49 bits,
+#: rounded up. Credited for ``device="cuda"`` too: the GPU model adds a guess among a few dozen models.
+PRECISION_ENTROPY_BITS = 12.5
 
 #: Configuration facts a probe can depend on, and what changes them.
 FACTS: dict[str, str] = {
@@ -307,9 +318,15 @@ def probe_digests(device: str = "cpu", *, suite_version: int = SUITE_VERSION) ->
     return out
 
 
-def probe_ids(digests: dict[str, str]) -> dict[str, str]:
-    """Short public identifiers of each probe's digest (32 bits each): enough to compare, not the material."""
-    return {n: hashlib.sha256(b"chiplock/probe-id\0" + bytes.fromhex(d)).hexdigest()[:8] for n, d in digests.items()}
+def probe_ids(digests: dict[str, str], salt: bytes = b"") -> dict[str, str]:
+    """Short identifiers of each probe's digest (32 bits each), to compare two runs probe by probe.
+
+    Sensitive without a secret ``salt``: an attacker who enumerates configurations (a few hundred) matches
+    unsalted ids to the configuration at once. With a fresh random salt that is not published, ids compare only
+    within one output.
+    """
+    return {n: hashlib.sha256(b"chiplock/probe-id\0" + salt + bytes.fromhex(d)).hexdigest()[:8]
+            for n, d in digests.items()}
 
 
 def compare(a: dict[str, str], b: dict[str, str]) -> list[str]:
@@ -318,7 +335,11 @@ def compare(a: dict[str, str], b: dict[str, str]) -> list[str]:
 
 
 def config_facts() -> dict[str, Any]:
-    """The configuration facts this process runs with (public), for reports and for explaining a mismatch."""
+    """The configuration facts this process runs with, for explaining a mismatch.
+
+    Sensitive: they tell an attacker which configuration to try first. Print them only on request
+    (``chiplock fingerprint --sensitive``), never in helper data or public info.
+    """
     env = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE",
            "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NPY_DISABLE_CPU_FEATURES")
     facts: dict[str, Any] = {
@@ -375,11 +396,11 @@ class PrecisionSource(FingerprintSource):
             source=self.name,
             helper={"suite": SUITE_VERSION, "device": device},
             material=_combine(digests),
-            entropy_bits=None,
-            info={"probes": probe_ids(digests), "seconds": elapsed, "threads": torch.get_num_threads(),
-                  "config": config_facts(),
-                  "entropy_note": "not estimated: the fingerprint identifies a configuration, not a unit; an "
-                                  "attacker who knows the target's CPU, libraries and thread count reproduces it"},
+            entropy_bits=PRECISION_ENTROPY_BITS,
+            info={"seconds": elapsed,
+                  "entropy_note": f"{PRECISION_ENTROPY_BITS:.1f} bits: log2 of the distinct fingerprints that "
+                                  "software settings reach on one machine (measured, docs/fingerprints.md); the "
+                                  "fingerprint identifies a configuration, not a unit: use a vendor secret"},
         )
 
     def reproduce(self, helper: dict[str, Any]) -> bytes:

@@ -6,6 +6,10 @@ that group only the larger estimate counts. Groups are then added. A source whos
 (``None``) makes the total unknown. A vendor secret is outside the fingerprint and is not counted; it makes the
 key strong enough by itself (the vendor chooses it with full entropy).
 
+``lock`` refuses a key that is not :attr:`KeyStrength.sufficient` (``WeakKey``) unless told
+``allow_weak_key=True``. ``precision`` is credited a measured 12.5 bits (the configurations software can reach on
+one machine, see :mod:`chiplock.fingerprint.configurations`), so precision and clock alone are never enough.
+
 Example:
     >>> s = key_strength({"clock": 6.4, "sram": 131.5})
     >>> s.bits, s.sufficient
@@ -20,6 +24,7 @@ from typing import Iterable, Mapping
 #: Sources whose fingerprints are expected to be correlated, by group.
 GROUPS: dict[str, str] = {"precision": "configuration", "clock": "configuration"}
 MIN_ENTROPY_BITS = 64
+_UNIT_SOURCES = "a source that binds the unit (sram, tpm)"
 
 
 @dataclass(frozen=True)
@@ -50,10 +55,10 @@ class KeyStrength:
             return "the key includes a vendor secret"
         if self.bits is None:
             return (f"the entropy of {', '.join(self.unknown)} is not estimated and there is no vendor secret: "
-                    "pass a secret or add a source with an estimate (sram)")
+                    f"pass a vendor secret (secret= / --secret-file) or add {_UNIT_SOURCES}")
         if self.bits < self.minimum:
             return (f"the key rests on about {self.bits:.1f} bits of estimated entropy (< {self.minimum:g}) and no "
-                    "vendor secret: pass a secret or add a fingerprint source")
+                    f"vendor secret: pass a vendor secret (secret= / --secret-file) or add {_UNIT_SOURCES}")
         return f"the key rests on about {self.bits:.1f} bits of estimated entropy"
 
 

@@ -13,9 +13,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from chiplock._io import check_input, check_output
+
 app = typer.Typer(help="Soft locking: models that work only in their authorized number format or sparsity.",
                   no_args_is_help=True)
 console = Console()
+_MODEL_HINT = "pass a model written by `chiplock softlock train`"
+
+
+def _load(path: Path, what: str):
+    """Read a soft-lock model; a missing or unreadable file is a one-line ChiplockError, not a traceback."""
+    from chiplock.errors import ChiplockError, UnsupportedConfig
+    from chiplock.softlock.model_io import load_model
+
+    check_input(path, what, _MODEL_HINT)
+    try:
+        return load_model(path)
+    except (ChiplockError, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file becomes one clear error.
+        raise UnsupportedConfig(f"cannot read {what} {str(path)!r} ({type(exc).__name__}); {_MODEL_HINT}") from None
 
 
 @app.command()
@@ -49,7 +66,12 @@ def train(
     from chiplock.softlock.pipeline import TrainSpec, load_dataset, pretrain, run_lock
     from chiplock.softlock.registry import parse_config
 
-    parse_config(authorized)  # Fail on a typo before any training starts.
+    parse_config(authorized)  # Fail on a typo or an unusable path before any training starts.
+    if base is not None:
+        check_input(base, "base model", _MODEL_HINT)
+    for path in (out, original_out, checkpoint):
+        if path is not None:
+            check_output(path, kind="file", inputs=[base] if base is not None else [])
     for u in unauthorized:
         parse_config(u)
     if base is None:
@@ -95,16 +117,15 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Print and write the paper-style table Acc_authorized^locked (Δorig, Δlock) plus accuracy per configuration."""
-    from chiplock.softlock.model_io import load_model
     from chiplock.softlock.pipeline import load_dataset
     from chiplock.softlock.report import build_report, write_report
 
-    model, info = load_model(locked)
+    model, info = _load(locked, "locked model")
     if "lock" not in info:
         from chiplock.errors import UnsupportedConfig
 
         raise UnsupportedConfig(f"{locked} is not a locked model (no lock description); pass the locked file")
-    orig = load_model(original)[0] if original is not None else None
+    orig = _load(original, "original model")[0] if original is not None else None
     data = load_dataset(info["data"])
     lock = info["lock"]
     from chiplock.softlock.registry import config_from_dict

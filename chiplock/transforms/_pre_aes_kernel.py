@@ -1,8 +1,19 @@
-"""Compiled (numba) decoder of pre-aes codes: the same arithmetic as the numpy reference, fused per element.
+"""Compiled (numba) pieces of pre-aes v2: the decoder and the encoder's preimage search, per element.
 
 Every operation here is IEEE: float64 -> float32 casts round to nearest even, no fast-math, so LLVM neither
-fuses multiply-add nor reorders, and the result is the same on every machine. The numpy reference in
+fuses multiply-add nor reorders, and the result is the same on every machine. The numpy definition in
 ``pre_aes._Codec.decode_reference`` is kept for tests, which check both agree bit for bit.
+
+A codec's tables (built in ``pre_aes._Codec``):
+
+* ``table[slot]``: the interval owning a 16-bit slot (int16, 128 KiB);
+* one 64-byte record per interval, one cache line: ``ints[k, 0:3] = (cs_k, U_k, U_k+1)``, interval ``k``'s first
+  code and its bounding order keys, and ``floats[k, 3:5] = (base_k, scale_k)``, the position of breakpoint
+  ``k`` and the position step per lattice point (``ints`` and ``floats`` are int64 and float64 views of the
+  same memory).
+
+Random codes hit random intervals, so memory latency, not arithmetic, bounds the decoder: one table load and
+one cache line per element, no division (``scale_k`` is precomputed and part of the definition).
 """
 
 from __future__ import annotations
@@ -10,95 +21,259 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-#: Output formats the kernel rounds to.
-FMT_INT, FMT_F32, FMT_F16, FMT_BF16 = 0, 1, 2, 3
+#: Output formats the kernel rounds to (a position is rounded float64 -> float32 -> format, each to nearest even).
+FMT_INT, FMT_F32, FMT_F16, FMT_BF16, FMT_F8E4M3, FMT_F8E5M2 = 0, 1, 2, 3, 4, 5
 
 
-@njit(cache=True, nogil=True)
-def _f32_to_f16_bits(x: np.uint32) -> np.uint64:
-    sign = np.uint64((x >> np.uint32(16)) & np.uint32(0x8000))
+@njit(cache=True, nogil=True, inline="always")
+def _f32_to_mini_bits(x: np.uint32, mant: np.int64, bias: np.int64, w: np.int64) -> np.uint64:
+    """Round-to-nearest-even float32 -> a narrow float with ``mant`` mantissa bits (finite inputs in range)."""
+    sign = np.uint64(x >> np.uint32(31)) << np.uint64(w - 1)
     exp = np.int64((x >> np.uint32(23)) & np.uint32(0xFF))
     man = np.int64(x & np.uint32(0x7FFFFF))
-    if exp == 0xFF:
-        return sign | np.uint64(0x7C00) | (np.uint64(0x200) if man else np.uint64(0))
-    e = exp - 127 + 15
-    if e >= 31:
-        return sign | np.uint64(0x7C00)
+    if exp == 0:  # float32 subnormals are far below every narrow format's smallest subnormal: +-0.
+        return sign
+    e = exp - 127 + bias
+    drop = 23 - mant
     if e <= 0:
-        if e < -10:
+        if e < -mant:
             return sign
         man = man | 0x800000
-        shift = 14 - e
+        shift = drop + 1 - e
         half = man >> shift
         rem = man & ((1 << shift) - 1)
         mid = 1 << (shift - 1)
         if rem > mid or (rem == mid and (half & 1)):
             half += 1
         return sign | np.uint64(half)
-    half = (e << 10) | (man >> 13)
-    rem = man & 0x1FFF
-    if rem > 0x1000 or (rem == 0x1000 and (half & 1)):
+    half = (e << mant) | (man >> drop)
+    rem = man & ((1 << drop) - 1)
+    mid = 1 << (drop - 1)
+    if rem > mid or (rem == mid and (half & 1)):
         half += 1
     return sign | np.uint64(half)
 
 
-@njit(cache=True, nogil=True)
-def decode_into(code, out_u, shift, m_slots, s_codes, escape_base, lo, r, table, ints, floats, fmt, w):
-    """Order keys of ``code`` into ``out_u`` (uint64). Mirrors ``_Codec.decode_reference`` exactly.
+@njit(cache=True, nogil=True, inline="always")
+def _decode_one(c, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch, scratch_bits):
+    """Order key of code ``c`` (uint64): the public decode definition, one element."""
+    if c >= mc:
+        return esc_lo + (c - mc)
+    k = np.int64(table[np.int64(c >> shift)])
+    f = np.int64((c - np.uint64(ints[k, 0])) >> q)
+    pos = floats[k, 3] + np.float64(f) * floats[k, 4]
+    if fmt == FMT_INT:
+        u = np.uint64(np.int64(np.rint(pos))) + u0
+    else:
+        scratch[0] = np.float32(pos)
+        b32 = scratch_bits[0]
+        if fmt == FMT_F32:
+            bits = np.uint64(b32)
+        elif fmt == FMT_BF16:
+            bits = np.uint64((b32 + np.uint32(0x7FFF) + ((b32 >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        elif fmt == FMT_F16:
+            bits = _f32_to_mini_bits(b32, 10, 15, w)
+        elif fmt == FMT_F8E4M3:
+            bits = _f32_to_mini_bits(b32, 3, 7, w)
+        else:
+            bits = _f32_to_mini_bits(b32, 2, 15, w)
+        # Branch-free order key (random signs would mispredict): negative -> flip all w bits, else the sign.
+        sign = np.uint64(1) << np.uint64(w - 1)
+        negative = bits >> np.uint64(w - 1)
+        u = bits ^ (sign | ((np.uint64(0) - negative) & (sign - np.uint64(1))))
+    return min(max(u, np.uint64(ints[k, 1])), np.uint64(ints[k, 2]))
 
-    ``table[slot]`` is the interval holding a slot (int16: 128 KiB); ``ints[k] = (slot_start, slot_end, U_k, U_k+1)`` and
-    ``floats[k] = (pos_lo, width)`` keep each interval's numbers in one or two cache lines, because random
-    codes hit random intervals: memory latency and branch mispredictions, not arithmetic, bound this loop.
-    """
-    sign = np.uint64(1) << np.uint64(w - 1)
-    low_bits = sign - np.uint64(1)
-    scratch = np.empty(1, np.float32)
+
+@njit(cache=True, nogil=True)
+def decode_bits_into(code, out_bits, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, kind):
+    """Element bits of ``code`` straight into the output tensor's memory: :func:`_decode_one` and the inverse
+    order key, written out flat in one loop (calling ``_decode_one`` here measured 4x slower)."""
+    # float32 bits go through a small ring of scratch slots, so consecutive elements do not reuse one address.
+    scratch = np.empty(16, np.float32)
     scratch_bits = scratch.view(np.uint32)
-    sf = np.float64(s_codes)
+    sign = np.uint64(1) << np.uint64(w - 1)
+    low = sign - np.uint64(1)
+    mask = sign | low
     for i in range(code.size):
         c = np.uint64(code[i])
-        slot = np.int64(c >> shift)
-        if slot >= m_slots:
-            out_u[i] = lo + (c - escape_base) % r
-            continue
-        k = np.int64(table[slot])
-        start = ints[k, 0]
-        offset = c - (np.uint64(start) << shift)
-        # uint64 -> float64 in two exact halves and one rounding (= the correctly rounded conversion); LLVM's
-        # direct unsigned conversion branches on the top bit, which random codes mispredict half the time.
-        off64 = (np.float64(np.int64(offset >> np.uint64(32))) * 4294967296.0
-                 + np.float64(np.int64(offset & np.uint64(0xFFFFFFFF))))
-        t = off64 / (np.float64(ints[k, 1] - start) * sf)
-        pos = floats[k, 0] + t * floats[k, 1]
-        if fmt == FMT_INT:
-            u = np.uint64(np.int64(np.rint(pos))) + np.uint64(ints[0, 2])
+        if c >= mc:
+            u = esc_lo + (c - mc)
         else:
-            scratch[0] = np.float32(pos)
-            b32 = scratch_bits[0]
-            if fmt == FMT_F32:
-                bits = np.uint64(b32)
-            elif fmt == FMT_F16:
-                bits = _f32_to_f16_bits(b32)
+            k = np.int64(table[np.int64(c >> shift)])
+            f = np.int64((c - np.uint64(ints[k, 0])) >> q)
+            pos = floats[k, 3] + np.float64(f) * floats[k, 4]
+            if fmt == FMT_INT:
+                u = np.uint64(np.int64(np.rint(pos))) + u0
             else:
-                bits = np.uint64((b32 + np.uint32(0x7FFF) + ((b32 >> np.uint32(16)) & np.uint32(1)))
-                                 >> np.uint32(16))
-            # Branch-free order key (random signs would mispredict): negative -> flip all w bits, else the sign.
-            negative = bits >> np.uint64(w - 1)
-            u = bits ^ (sign | ((np.uint64(0) - negative) & low_bits))
-        out_u[i] = min(max(u, np.uint64(ints[k, 2])), np.uint64(ints[k, 3]))
+                j = i & 15
+                scratch[j] = np.float32(pos)
+                b32 = scratch_bits[j]
+                if fmt == FMT_F32:
+                    bits = np.uint64(b32)
+                elif fmt == FMT_BF16:
+                    bits = np.uint64((b32 + np.uint32(0x7FFF) + ((b32 >> np.uint32(16)) & np.uint32(1)))
+                                     >> np.uint32(16))
+                elif fmt == FMT_F16:
+                    bits = _f32_to_mini_bits(b32, 10, 15, w)
+                elif fmt == FMT_F8E4M3:
+                    bits = _f32_to_mini_bits(b32, 3, 7, w)
+                else:
+                    bits = _f32_to_mini_bits(b32, 2, 15, w)
+                negative = bits >> np.uint64(w - 1)
+                u = bits ^ (sign | ((np.uint64(0) - negative) & low))
+            u = min(max(u, np.uint64(ints[k, 1])), np.uint64(ints[k, 2]))
+        if kind == 2:
+            # Keys below the sign bit are negative values (flip every bit), the others non-negative (flip the sign).
+            neg = np.uint64(1) - (u >> np.uint64(w - 1))
+            out_bits[i] = (u ^ (sign | ((np.uint64(0) - neg) & mask))) & mask
+        elif kind == 1:
+            out_bits[i] = u ^ sign
+        else:
+            out_bits[i] = u
+
+
+@njit(cache=True, nogil=True)
+def decode_keys_into(code, out_u, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0):
+    """Order keys of ``code`` into ``out_u`` (uint64). Mirrors ``_Codec.decode_reference`` exactly."""
+    decode_bits_into(code, out_u, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, 0)
 
 
 @njit(cache=True, nogil=True)
 def from_order_key_into(u, out_bits, kind, w):
-    """Bits of the values whose order keys are ``u``: kind 2 float (offset binary -> sign-magnitude),
-    1 signed int (flip the sign bit), 0 unsigned (as is)."""
+    """Bits of the values whose order keys are ``u`` (raw mode): kind 2 float, 1 signed int, 0 unsigned."""
     sign = np.uint64(1) << np.uint64(w - 1)
     mask = (sign << np.uint64(1)) - np.uint64(1)
     for i in range(u.size):
-        x = u[i]
+        x = np.uint64(u[i])
         if kind == 2:
             out_bits[i] = (x ^ sign) if (x & sign) else (~x & mask)
         elif kind == 1:
             out_bits[i] = x ^ sign
         else:
             out_bits[i] = x
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _hit(g, u, strict, cs, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch, scratch_bits):
+    d = _decode_one(cs + (np.uint64(g) << q), mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0,
+                    scratch, scratch_bits)
+    return d > u if strict else d >= u
+
+
+@njit(cache=True, nogil=True)
+def _first(u, strict, k, est, nf, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch, scratch_bits):
+    """First lattice point ``f`` in ``[0, nf[k]]`` of interval ``k`` whose decode is >= ``u`` (> when strict);
+    ``nf[k]`` (past the end) when none. Gallops out from the estimate ``est``, then bisects: decode is
+    monotone in ``f``, so the answer is exact whatever the estimate."""
+    n = nf[k]
+    cs = np.uint64(ints[k, 0])
+    f = min(max(est, 0), n - 1)
+    step = 1
+    if _hit(f, u, strict, cs, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch, scratch_bits):
+        hi = f
+        lo = -1
+        while True:
+            probe = hi - step
+            if probe < 0:
+                break
+            if not _hit(probe, u, strict, cs, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch,
+                        scratch_bits):
+                lo = probe
+                break
+            hi = probe
+            step *= 2
+    else:
+        lo = f
+        hi = n
+        while True:
+            probe = lo + step
+            if probe >= n:
+                break
+            if _hit(probe, u, strict, cs, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch,
+                    scratch_bits):
+                hi = probe
+                break
+            lo = probe
+            step *= 2
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        if _hit(mid, u, strict, cs, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch, scratch_bits):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _estimate(x, floats, k):
+    sc = floats[k, 4]
+    e = (x - floats[k, 3]) / sc if sc > 0 else 0.0
+    if e != e:
+        return np.int64(0)
+    return np.int64(min(max(e, -1.0), 9.0e15))
+
+
+@njit(cache=True, nogil=True)
+def preimage_into(u, x_lo, x_hi, lo_out, cnt_out, ka_arr, kb_arr, nf, ce, mc, esc_lo, shift, q, table, ints, floats,
+                  fmt, w, u0):
+    """For each order key ``u[i]``: the main-region codes decoding to it, ``[lo_out[i], lo_out[i] + cnt_out[i])``.
+
+    The main-region decode is monotone in the code, so the preimage is one contiguous range. ``ka_arr[i]`` is
+    the first non-empty interval whose top key is >= u, ``kb_arr[i]`` the last non-empty one whose bottom key is
+    <= u (-1 when ``u`` lies outside the model). ``x_lo[i]``/``x_hi[i]`` are the positions where the rounding
+    cell of ``u`` begins and ends; they only seed the search, which is exact whatever they are.
+    """
+    scratch = np.empty(1, np.float32)
+    scratch_bits = scratch.view(np.uint32)
+    for i in range(u.size):
+        ka = ka_arr[i]
+        kb = kb_arr[i]
+        if ka < 0 or kb < 0 or kb < ka:
+            lo_out[i] = 0
+            cnt_out[i] = 0
+            continue
+        ui = np.uint64(u[i])
+        ea = _estimate(x_lo[i], floats, ka)
+        eb = _estimate(x_hi[i], floats, kb)
+        fa = _first(ui, False, ka, ea, nf, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0,
+                    scratch, scratch_bits)
+        fb = _first(ui, True, kb, eb, nf, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0,
+                    scratch, scratch_bits)
+        lo = min(np.uint64(ints[ka, 0]) + (np.uint64(fa) << q), np.uint64(ce[ka]))
+        hi = min(np.uint64(ints[kb, 0]) + (np.uint64(fb) << q), np.uint64(ce[kb]))
+        lo_out[i] = lo
+        cnt_out[i] = hi - lo if hi > lo else np.uint64(0)
+
+
+@njit(cache=True, nogil=True)
+def decode_f32_into(code, out_bits, out_f32, mc, esc_lo, shift, q, table, ints, floats):
+    """float32 fast path of :func:`decode_bits_into` (same results): the clamp into ``[U_k, U_k+1]`` is done
+    on values, which orders every pair of non-zero floats as their keys do; a rounded value of +-0 (whose key
+    order the value order cannot see) takes the key path. ``floats[k, 5:7]`` hold the bounds' values and
+    ``ints[k, 7]`` their bits (low 32: ``U_k``, high 32: ``U_k+1``)."""
+    sign = np.uint64(1) << np.uint64(31)
+    low = sign - np.uint64(1)
+    mask = sign | low
+    for i in range(code.size):
+        c = np.uint64(code[i])
+        if c < mc:
+            k = np.int64(table[np.int64(c >> shift)])
+            f = np.int64((c - np.uint64(ints[k, 0])) >> q)
+            x = np.float32(floats[k, 3] + np.float64(f) * floats[k, 4])
+            if x != 0:
+                if x < floats[k, 5]:
+                    out_bits[i] = np.uint32(np.uint64(ints[k, 7]) & np.uint64(0xFFFFFFFF))
+                elif x > floats[k, 6]:
+                    out_bits[i] = np.uint32(np.uint64(ints[k, 7]) >> np.uint64(32))
+                else:
+                    out_f32[i] = x
+                continue
+            out_f32[i] = x
+            bits = np.uint64(out_bits[i])
+            negative = bits >> np.uint64(31)
+            u = bits ^ (sign | ((np.uint64(0) - negative) & low))
+            u = min(max(u, np.uint64(ints[k, 1])), np.uint64(ints[k, 2]))
+        else:
+            u = esc_lo + (c - mc)
+        neg = np.uint64(1) - (u >> np.uint64(31))
+        out_bits[i] = np.uint32((u ^ (sign | ((np.uint64(0) - neg) & mask))) & mask)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -21,6 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::chiplock.LowEntropyWarning")
 TRANSFORMS = ("aes", "shuffle", "pre-aes")
 VECTORS = Path(__file__).parents[1] / "vectors"
 FIX = r"re-download it, or lock the model again with `chiplock lock`"
+SECRET = b"vendor secret for container tests"
 
 
 @pytest.fixture
@@ -35,7 +34,7 @@ def weights():
 @pytest.fixture(params=TRANSFORMS)
 def locked(request, tmp_path, profile, fast_kdf, weights):
     path = tmp_path / f"{request.param}.chiplock"
-    chiplock.lock(weights, path, profile, request.param, kdf=fast_kdf)
+    chiplock.lock(weights, path, profile, request.param, secret=SECRET, kdf=fast_kdf)
     return path, request.param
 
 
@@ -90,7 +89,7 @@ def test_header_digest_and_canonical_cover_everything_but_themselves(locked, con
     meta, _, _ = container_io[0](path)
     assert meta["header_digest"] == header_digest(meta)
     body = json.loads(canonical(meta))
-    assert "header_digest" not in body and set(body) == set(meta) - {"header_digest", "signature"}
+    assert "header_digest" not in body and set(body) == set(meta) - {"header_digest", "header_mac", "signature"}
 
 
 def test_tree_digest_vectors_and_definition():
@@ -113,7 +112,7 @@ def test_tree_digest_vectors_and_definition():
 def _both(path, profile):
     """inspect (header only) and unlock must both refuse."""
     errors = []
-    for fn in (lambda: chiplock.inspect(path), lambda: chiplock.unlock(path, profile=profile)):
+    for fn in (lambda: chiplock.inspect(path), lambda: chiplock.unlock(path, profile=profile, secret=SECRET)):
         with pytest.raises(ContainerError) as exc:
             fn()
         errors.append(str(exc.value))
@@ -156,7 +155,7 @@ def test_bit_flipped_tensor_bytes_raise_invalid_tag_without_detail(locked, profi
             write(bad, meta, header, bytes(flipped), redigest=False)
             chiplock.inspect(bad)  # the header is intact
             with pytest.raises(InvalidTag) as exc:
-                chiplock.unlock(bad, profile=profile)
+                chiplock.unlock(bad, profile=profile, secret=SECRET)
             assert str(exc.value) == str(InvalidTag()), "authentication failures carry no detail"
             assert name not in str(exc.value)
 
@@ -169,7 +168,7 @@ def test_bit_flipped_metadata_raises_invalid_tag(locked, profile, tmp_path):
     raw[i] = ord("9") if raw[i] != ord("9") else ord("7")
     bad = tmp_path / "meta.chiplock"
     bad.write_bytes(bytes(raw))
-    for fn in (lambda: chiplock.inspect(bad), lambda: chiplock.unlock(bad, profile=profile)):
+    for fn in (lambda: chiplock.inspect(bad), lambda: chiplock.unlock(bad, profile=profile, secret=SECRET)):
         with pytest.raises(InvalidTag):
             fn()
 
@@ -181,10 +180,10 @@ def test_bit_flipped_header_structure_raises_container_error(locked, profile, tm
     bad = tmp_path / "hdr.chiplock"
     bad.write_bytes(bytes(raw))
     for msg in _both(bad, profile):
-        assert msg.startswith("the header has no chiplock metadata") and FIX in msg
+        assert msg.startswith("the header is not valid JSON") and FIX in msg
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "2", None, 2.0, [2]])
 def test_wrong_version(version, locked, profile, tmp_path, container_io):
     path, _ = locked
     read, write = container_io
@@ -193,8 +192,25 @@ def test_wrong_version(version, locked, profile, tmp_path, container_io):
     bad = tmp_path / "v.chiplock"
     write(bad, meta, header, data)
     for msg in _both(bad, profile):
-        assert f"container version {version!r} is not supported" in msg
-        assert "upgrade chiplock or re-lock the model" in msg
+        assert msg == (f"container version {version!r} is not supported by this chiplock (it reads version 2); "
+                       "upgrade chiplock or re-lock the model")
+
+
+@pytest.mark.parametrize("version", [1, True])
+def test_version_1_is_refused_with_the_reason(version, locked, profile, tmp_path, container_io):
+    # Version 1 pre-aes files had a key oracle; every version-1 file is refused, with what to do.
+    path, _ = locked
+    read, write = container_io
+    meta, header, data = read(path)
+    meta["version"] = version
+    bad = tmp_path / "v1.chiplock"
+    write(bad, meta, header, data)
+    for msg in _both(bad, profile):
+        if version is True:  # JSON true is not the integer 1
+            assert "container version True is not supported" in msg
+        else:
+            assert msg == ("this container (version 1) was written by an older chiplock whose pre-aes encoding had "
+                           "a key oracle; it is no longer read: lock the model again with this chiplock")
 
 
 def test_plain_safetensors_file_is_not_a_container(tmp_path, profile, weights):
@@ -299,7 +315,7 @@ def test_metadata_shape_or_dtype_that_disagrees_with_the_stored_bytes(field, val
     meta["tensors"]["fc.weight"][field] = value
     write(tmp_path / "m.chiplock", meta, header, data)
     with pytest.raises(ContainerError):
-        chiplock.unlock(tmp_path / "m.chiplock", profile=profile)
+        chiplock.unlock(tmp_path / "m.chiplock", profile=profile, secret=SECRET)
 
 
 @pytest.mark.parametrize("mutate", [
@@ -317,4 +333,4 @@ def test_metadata_of_the_wrong_type(mutate, locked, profile, tmp_path, container
     write(tmp_path / "m.chiplock", meta, header, data)
     with pytest.raises(chiplock.ChiplockError):
         chiplock.inspect(tmp_path / "m.chiplock")
-        chiplock.unlock(tmp_path / "m.chiplock", profile=profile)
+        chiplock.unlock(tmp_path / "m.chiplock", profile=profile, secret=SECRET)

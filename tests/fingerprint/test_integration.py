@@ -36,10 +36,14 @@ def test_simulated_sram_locks_and_unlocks_without_a_profile(tmp_path, weights, m
         chiplock.unlock(path)
 
 
-def test_low_entropy_clock_profile_warns(tmp_path, weights):
+def test_low_entropy_clock_profile_is_refused_unless_allowed(tmp_path, weights):
+    from chiplock.errors import WeakKey
     from chiplock.fingerprint.base import Enrollment
     from chiplock.profile import DeviceProfile
 
     profile = DeviceProfile(enrollments=(Enrollment("clock", {}, b"m" * 32, 6.4),))
-    with pytest.warns(UserWarning, match="6.4 bits"):
+    with pytest.raises(WeakKey, match="6.4 bits"):
         chiplock.lock(weights, tmp_path / "c.chiplock", profile, transform="aes", kdf=KdfParams(**INSECURE_FAST))
+    with pytest.warns(chiplock.LowEntropyWarning, match="6.4 bits"):
+        chiplock.lock(weights, tmp_path / "c.chiplock", profile, transform="aes", kdf=KdfParams(**INSECURE_FAST),
+                      allow_weak_key=True)

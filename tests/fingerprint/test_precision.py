@@ -23,7 +23,14 @@ def test_reproduces_identically_and_probe_by_probe(enrollment):
     assert all(src.reproduce(enrollment.helper) == enrollment.material for _ in range(2))
     a, b = p.probe_digests(), p.probe_digests()
     assert p.compare(a, b) == []
-    assert p.probe_ids(a) == enrollment.info["probes"]
+    assert p.compare(p.probe_ids(a), p.probe_ids(b)) == []
+
+
+def test_probe_ids_with_a_salt_do_not_match_unsalted_ones():
+    a = p.probe_digests()
+    plain, salted = p.probe_ids(a), p.probe_ids(a, os.urandom(16))
+    assert set(plain) == set(salted) and not set(plain.values()) & set(salted.values())
+    assert all(len(v) == 8 for v in salted.values())
 
 
 def test_compare_names_the_differing_probes():
@@ -33,11 +40,17 @@ def test_compare_names_the_differing_probes():
 
 
 def test_info_is_public(enrollment):
-    text = json.dumps(enrollment.info)
-    assert enrollment.material.hex() not in text
-    for digest in p.probe_digests().values():
-        assert digest not in text  # only 32-bit ids, not the digests the material is hashed from
-    assert enrollment.entropy_bits is None and "configuration" in enrollment.info["entropy_note"]
+    text = json.dumps({"helper": enrollment.helper, "info": enrollment.info})
+    digests = p.probe_digests()
+    # Nothing an enumerator can match: no material, digest or (unsalted) probe id, and no configuration facts.
+    for value in [enrollment.material.hex(), *digests.values(), *p.probe_ids(digests).values()]:
+        assert value not in text
+    facts = p.config_facts()
+    for fact in (facts["torch"], facts["numpy"], facts["cpu_capability"], facts.get("cpu") or "no cpu model"):
+        assert fact not in text
+    assert set(enrollment.info) == {"seconds", "entropy_note"}
+    assert enrollment.entropy_bits == p.PRECISION_ENTROPY_BITS and 0 < p.PRECISION_ENTROPY_BITS < 64
+    assert f"{p.PRECISION_ENTROPY_BITS:.1f} bits" in enrollment.info["entropy_note"]
 
 
 def test_suite_has_numpy_probes_and_every_probe_declares_known_facts():

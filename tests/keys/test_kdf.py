@@ -12,8 +12,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from chiplock.errors import AlreadyFinalized, ContainerError, InvalidKey
+from chiplock.errors import AlreadyFinalized, ContainerError, InvalidKey, UnsupportedConfig
 from chiplock.keys import INSECURE_FAST, KdfParams, MasterKDF, assemble_material, subkey
+from chiplock.keys.kdf import (DEFAULT_MAX_MEMORY_KIB, MAX_ITERATIONS, MAX_LANES, MAX_MEMORY_ENV, MAX_WORK_PASSES,
+                               max_memory_kib)
 
 VEC = json.loads((Path(__file__).parents[1] / "vectors" / "kdf.json").read_text())
 
@@ -118,3 +120,79 @@ def test_subkeys_are_independent_per_purpose_and_context():
     keys = {subkey(master, p, c) for p in ("tensor/aes", "tensor/pre-aes", "check") for c in ("", "a", "b", "a.b")}
     assert len(keys) == 12
     assert len(subkey(master, "check", length=16)) == 16
+
+
+# --- caps on what a file may ask (checked in from_json, before any derivation) ---------------------------------
+
+
+def _file_params(**changes):
+    d = KdfParams(**INSECURE_FAST).to_json()
+    d.update(changes)
+    return d
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(iterations=float("inf")), "a cost is not an integer"),
+    (dict(memory_kib=float("nan")), "a cost is not an integer"),
+    (dict(memory_kib=65536.0), "a cost is not an integer"),
+    (dict(lanes=True), "a cost is not an integer"),
+    (dict(iterations=None), "a cost is not an integer"),
+    (dict(version="1"), "a cost is not an integer"),
+    (dict(salt="AB" * 16), "salt is not 16 to 64 bytes of lowercase hex"),
+    (dict(salt="ab" * 65), "salt is not 16 to 64 bytes"),
+    (dict(salt=["ab"] * 16), "salt is not 16 to 64 bytes"),
+    (dict(algorithm=["argon2id"]), r"unsupported KDF \['argon2id'\]"),
+    (dict(algorithm="x" * 1000), r"unsupported KDF 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\.\.\."),
+    (dict(iterations=MAX_ITERATIONS + 1), "beyond chiplock's caps"),
+    (dict(lanes=MAX_LANES + 1, memory_kib=8 * (MAX_LANES + 1)), "beyond chiplock's caps"),
+    (dict(memory_kib=DEFAULT_MAX_MEMORY_KIB + 1), r"memory of 1024 MiB x 1 passes, beyond this device's cap "
+                                                  r"\(1024 MiB, at most 16 passes over it\)"),
+    (dict(memory_kib=2**80), "beyond this device's cap"),
+    (dict(iterations=MAX_WORK_PASSES + 1, memory_kib=DEFAULT_MAX_MEMORY_KIB), "x 17 passes, beyond this device"),
+])
+def test_from_json_types_and_caps(changes, match, monkeypatch):
+    monkeypatch.delenv(MAX_MEMORY_ENV, raising=False)
+    with pytest.raises(ContainerError, match=match):
+        KdfParams.from_json(_file_params(**changes))
+
+
+def test_from_json_accepts_up_to_the_caps(monkeypatch):
+    monkeypatch.delenv(MAX_MEMORY_ENV, raising=False)
+    p = KdfParams.from_json(_file_params(iterations=MAX_WORK_PASSES, memory_kib=DEFAULT_MAX_MEMORY_KIB))
+    assert p.memory_kib == DEFAULT_MAX_MEMORY_KIB
+    assert KdfParams.from_json(_file_params(iterations=MAX_ITERATIONS, lanes=MAX_LANES, memory_kib=8 * MAX_LANES))
+
+
+def test_memory_cap_from_the_environment_and_the_keyword(monkeypatch):
+    d = _file_params(memory_kib=2 << 20)
+    monkeypatch.delenv(MAX_MEMORY_ENV, raising=False)
+    assert max_memory_kib() == DEFAULT_MAX_MEMORY_KIB == 1 << 20
+    with pytest.raises(ContainerError, match="beyond this device's cap"):
+        KdfParams.from_json(d)
+    assert KdfParams.from_json(d, max_memory_kib=2 << 20).memory_kib == 2 << 20
+    monkeypatch.setenv(MAX_MEMORY_ENV, str(2 << 20))
+    assert max_memory_kib() == 2 << 20 and KdfParams.from_json(d).memory_kib == 2 << 20
+    with pytest.raises(ContainerError, match="beyond this device's cap"):
+        KdfParams.from_json(d, max_memory_kib=1 << 20)  # the keyword wins over the environment
+    for bad in ("", "  "):
+        monkeypatch.setenv(MAX_MEMORY_ENV, bad)
+        assert max_memory_kib() == DEFAULT_MAX_MEMORY_KIB
+    for bad in ("1GiB", "-5", "4", "9" * 30, "1e6"):
+        monkeypatch.setenv(MAX_MEMORY_ENV, bad)
+        with pytest.raises(UnsupportedConfig, match=f"{MAX_MEMORY_ENV} must be a number of KiB between 8 and"):
+            max_memory_kib()
+    with pytest.raises(TypeError, match="max_kdf_memory_kib must be an int"):
+        KdfParams.from_json(d, max_memory_kib=1.5)
+    with pytest.raises(ValueError, match="max_kdf_memory_kib must be between 8 and"):
+        KdfParams.from_json(d, max_memory_kib=0)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(iterations=2.0), TypeError, "iterations must be an int, got float"),
+    (dict(lanes=True), TypeError, "lanes must be an int, got bool"),
+    (dict(memory_kib="64"), TypeError, "memory_kib must be an int, got str"),
+    (dict(memory_kib=1 << 32), ValueError, r"memory_kib must be <= 4294967295 \(Argon2's limit\)"),
+])
+def test_constructor_checks_types(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        KdfParams(**kwargs)

@@ -40,6 +40,8 @@ def vector_tensors() -> dict[str, torch.Tensor]:
         "bool": (i % 3 == 0),
         "u8_scalar": torch.tensor(201, dtype=torch.uint8),
         "f64_raw": i.to(torch.float64) / 3.0,
+        # float8 (pre-aes v2 rounds to it in its decoder); only on torch builds that have it.
+        **({"f8_e4m3_model": (f32 / 8).to(torch.float8_e4m3fn)} if hasattr(torch, "float8_e4m3fn") else {}),
     }
 
 
