@@ -345,4 +345,15 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
         "signer_public_key": (meta.get("signature") or {}).get("public_key"),
         "tensors": {n: {"dtype": t["dtype"], "shape": t["shape"]} for n, t in meta["tensors"].items()},
         "total_bytes": os.path.getsize(path),
+        "wrong_key": _WRONG_KEY_NOTE["detected" if get_transform(meta["transform"]).detects_wrong_key
+                                     else "silent"],
     }
+
+
+#: What a wrong key does with each kind of transform, stated where users look (inspect, the CLI).
+_WRONG_KEY_NOTE = {
+    "detected": "a wrong device or secret is refused (key check); the header is authenticated with the file key",
+    "silent": ("a wrong device gets plausible but useless weights and the file has no key check; but structural "
+               "statistics of the weights tell wrong-key weights from real ones in milliseconds (docs/attacks.md), "
+               "so a key guess costs one Argon2id run and the lock is as strong as the key's entropy"),
+}

@@ -244,6 +244,7 @@ def inspect_cmd(container: Path = typer.Argument(..., help="A chiplock container
     for name, t in info["tensors"].items():
         table.add_row(name, t["dtype"], "x".join(map(str, t["shape"])) or "scalar")
     out.print(table)
+    out.print(f"wrong key: {info['wrong_key']}")
 
 
 @app.command("demo")

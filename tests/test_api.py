@@ -131,6 +131,10 @@ def test_lock_returns_inspect_metadata_and_inspect_is_public(tmp_path, profile, 
                                "fc.bias": {"dtype": "F16", "shape": [10]}}
     assert info["total_bytes"] == (tmp_path / "m.chiplock").stat().st_size
     assert info["kdf"]["memory_kib"] == fast_kdf.memory_kib
+    # inspect says plainly what a wrong key does, and that pre-aes falls to structural statistics.
+    assert "structural statistics" in info["wrong_key"] and "milliseconds" in info["wrong_key"]
+    chiplock.lock(w, tmp_path / "a.chiplock", profile, "aes", kdf=fast_kdf, allow_weak_key=True)
+    assert "refused" in chiplock.inspect(tmp_path / "a.chiplock")["wrong_key"]
 
 
 def test_progress_callback_reports_every_tensor(tmp_path, profile, fast_kdf):
