@@ -35,6 +35,7 @@ PART_SUFFIX = ".chiplock-part"
 USE_O_TMPFILE = sys.platform.startswith("linux") and hasattr(os, "O_TMPFILE")
 _NAME_KEEP = 64  # Characters of the target's name kept in a hidden name, so it stays under NAME_MAX.
 _SNIFF_LIMIT = 16 << 20  # Headers larger than this are not parsed to tell a container from a plain model.
+_CONTAINER_PREFIX = b'{"__metadata__":{"chiplock":"{'  # What chiplock's build_header writes first.
 _live_parts: set[str] = set()  # Fallback temp files of this process, removed at interpreter exit.
 
 
@@ -120,8 +121,15 @@ def file_kind(path: str | os.PathLike) -> Literal["container", "safetensors", "e
         if len(prefix) < 8:
             return "other"
         (n,) = struct.unpack("<Q", prefix)
-        if n < 2 or n > min(size - 8, _SNIFF_LIMIT):
+        if n < 2 or n > size - 8:
             return "other"
+        # chiplock writes its metadata first: that prefix marks a container however large its header (a big
+        # pre-aes model's header can pass any parse limit, and must still never be replaced by plaintext).
+        if fh.read(len(_CONTAINER_PREFIX)) == _CONTAINER_PREFIX:
+            return "container"
+        if n > _SNIFF_LIMIT:
+            return "other"
+        fh.seek(8)
         raw = fh.read(n)
     try:
         header = json.loads(raw)

@@ -29,6 +29,8 @@ Progress = Callable[[str, int, int], None]
 _CHECK_LABEL = b"chiplock key check v1"
 _HEADER_LABEL = b"chiplock header mac v1\0"
 MIN_ENTROPY_BITS = 64
+#: A vendor secret shorter than this does not count as one (it could be guessed alongside the fingerprint).
+MIN_SECRET_BYTES = 16
 
 
 class LowEntropyWarning(UserWarning):
@@ -110,6 +112,16 @@ def _header_mac(master: bytes, meta: dict[str, Any]) -> str:
 def _check_key_strength(profile: DeviceProfile, secret: bytes | None, allow_weak_key: bool) -> None:
     # A key below the policy is refused: with the structural tests, a fingerprint of a few bits is cracked by
     # enumerating configurations at Argon2id's cost each. The override still warns, with the figure.
+    if secret is not None and len(secret) < MIN_SECRET_BYTES:
+        # An empty or one-byte secret (an unset shell variable written to a file) is no secret: it must not
+        # stand in for the entropy the fingerprint lacks.
+        if not allow_weak_key:
+            raise WeakKey(f"refusing to lock: the vendor secret has {len(secret)} bytes (< {MIN_SECRET_BYTES}); use "
+                          f"at least {MIN_SECRET_BYTES} random bytes (e.g. `head -c 32 /dev/urandom > vendor.key`), "
+                          "or pass allow_weak_key=True (--allow-weak-key)")
+        warnings.warn(f"allow_weak_key=True: the vendor secret has only {len(secret)} bytes", LowEntropyWarning,
+                      stacklevel=3)
+        secret = None
     strength = key_strength(profile.enrollments, secret=secret, minimum=MIN_ENTROPY_BITS)
     if strength.sufficient:
         return
@@ -228,7 +240,17 @@ def _device_materials(meta: dict[str, Any], profile: DeviceProfile | None) -> di
             raise ProfileError(f"the device profile lacks source(s) {', '.join(missing)} that this file needs; "
                                f"enroll the device with --source {' --source '.join(needed)}")
         return {n: have[n] for n in needed}
-    return {s["source"]: get_source(s["source"]).reproduce(s["helper"]) for s in meta["sources"]}
+    out = {}
+    for s in meta["sources"]:
+        try:
+            out[s["source"]] = get_source(s["source"]).reproduce(s["helper"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, SystemError,
+                MemoryError):
+            # The helper is public and unauthenticated (unless signed): a source that trips over a crafted one
+            # must give one clear error, not a traceback. Each source also bounds what a helper may ask.
+            raise ContainerError(f"the file's public helper data for fingerprint source {s['source']!r} is "
+                                 "malformed; the file is damaged: obtain a fresh copy") from None
+    return out
 
 
 def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret: bytes | None = None, *,

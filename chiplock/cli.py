@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -19,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from chiplock._io import check_input, check_output, os_error
-from chiplock.errors import ChiplockError, ContainerError, FileAccessError, KeyFileError, ProfileError
+from chiplock.errors import (ChiplockError, ContainerError, FileAccessError, KeyFileError, OutputError,
+                             ProfileError)
 from chiplock.fingerprint.cli import app as fingerprint_app
 from chiplock.softlock.cli import app as softlock_app
 
@@ -45,23 +48,44 @@ app.add_typer(softlock_app, name="softlock")
 
 @app.command()
 def enroll(out: Path = typer.Option(..., "-o", "--out", help="Where to write the device profile (JSON, secret)."),
-           source: list[str] = typer.Option(["precision"], "--source", help="Fingerprint source; repeatable.")) -> None:
+           source: list[str] = typer.Option(["precision"], "--source", help="Fingerprint source; repeatable."),
+           force: bool = typer.Option(False, "--force", help="Replace an existing file at --out.")) -> None:
     """Measure this device and write its profile (the vendor keeps it secret)."""
     from chiplock.profile import enroll as _enroll
 
     check_output(out, kind="file")
+    # A profile may hold the only copy of a device's key (a TPM-sealed blob, an SRAM enrollment): never replace
+    # an existing file, whatever it holds, without --force.
+    if not force and out.exists():
+        raise OutputError(f"{str(out)!r} already exists; choose another path or pass --force to replace it")
     with console.status("measuring fingerprints..."):
         profile = _enroll(source)
     profile.save(out)
     console.print(f"wrote device profile [bold]{out}[/] (sources: {', '.join(profile.sources)}); keep it secret")
 
 
+#: Secret and key files are small; a larger (or endless: /dev/zero) input is refused instead of read whole.
+_MAX_SMALL_INPUT = 1 << 20
+
+
 def _read_input(path: Path, what: str, hint: str, error: type[ChiplockError] = FileAccessError) -> bytes:
     check_input(path, what, hint, error)
     try:
-        return path.read_bytes()
+        # Opened non-blocking so a FIFO without a writer cannot hang the open; then blocking again, so a pipe
+        # (`--secret-file <(pass show vendor)`, which keeps the secret off the disk) is read to its end, and a FIFO
+        # nobody writes reads as empty. Folders and sockets are refused; endless devices stop at the cap.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+                raise error(f"{what} {str(path)!r} is not a file; {hint}")
+            os.set_blocking(fh.fileno(), True)
+            data = fh.read(_MAX_SMALL_INPUT + 1)
     except OSError as exc:
         raise os_error(exc, path, "read") from None
+    if len(data) > _MAX_SMALL_INPUT:
+        raise error(f"{what} {str(path)!r} is larger than {_MAX_SMALL_INPUT >> 20} MiB; {hint}")
+    return data
 
 
 def _read_secret(secret_file: Optional[Path]) -> Optional[bytes]:

@@ -215,9 +215,9 @@ def test_pre_aes_file_carries_no_key_check(tmp_path, profile, fast_kdf, containe
 def test_vendor_secret_required_wrong_and_unexpected(transform, tmp_path, profile, fast_kdf, assert_bit_exact):
     w = {"w": torch.randn(500)}
     path = tmp_path / "m.chiplock"
-    chiplock.lock(w, path, profile, transform, secret=b"s3cret", kdf=fast_kdf)
+    chiplock.lock(w, path, profile, transform, secret=b"s3cret vendor secret", kdf=fast_kdf)
     assert chiplock.inspect(path)["secret_required"] is True
-    assert_bit_exact(chiplock.unlock(path, profile=profile, secret=b"s3cret")["w"], w["w"])
+    assert_bit_exact(chiplock.unlock(path, profile=profile, secret=b"s3cret vendor secret")["w"], w["w"])
     with pytest.raises(ProfileError, match=r"locked with a vendor secret; pass it"):
         chiplock.unlock(path, profile=profile)
     if transform == "pre-aes":
@@ -228,7 +228,7 @@ def test_vendor_secret_required_wrong_and_unexpected(transform, tmp_path, profil
             chiplock.unlock(path, profile=profile, secret=b"wrong")
     chiplock.lock(w, path, profile, transform, kdf=fast_kdf, allow_weak_key=True)
     with pytest.raises(ProfileError, match="locked without a vendor secret; do not pass one"):
-        chiplock.unlock(path, profile=profile, secret=b"s3cret")
+        chiplock.unlock(path, profile=profile, secret=b"s3cret vendor secret")
 
 
 def test_secret_and_profile_types_are_checked(tmp_path, profile, fast_kdf):
@@ -528,3 +528,14 @@ def test_key_material_never_appears_in_errors_logs_or_files(tmp_path, profile, w
             assert s.hex() not in text.lower() and s.hex().upper() not in text
         for blob in blobs:
             assert s not in blob and s.hex().encode() not in blob
+
+
+@pytest.mark.parametrize("secret", [b"", b"\n", b"x" * 15])
+def test_short_vendor_secret_is_not_a_secret(tmp_path, profile, fast_kdf, secret):
+    """An empty or short secret (an unset shell variable written to a file) must not pass the weak-key policy."""
+    out = tmp_path / "m.chiplock"
+    with pytest.raises(chiplock.WeakKey, match=rf"vendor secret has {len(secret)} bytes \(< 16\)"):
+        chiplock.lock({"w": torch.zeros(2)}, out, profile, secret=secret, kdf=fast_kdf)
+    assert not out.exists()
+    with pytest.warns(chiplock.LowEntropyWarning, match="only"):
+        chiplock.lock({"w": torch.zeros(2)}, out, profile, secret=secret, kdf=fast_kdf, allow_weak_key=True)

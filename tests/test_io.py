@@ -302,12 +302,12 @@ def test_lock_refuses_to_overwrite_its_input_before_deriving_a_key(tmp_path, pro
     _plain(src)
     before = src.read_bytes()
     with pytest.raises(OutputError, match="is the input file"):
-        chiplock.lock(src, src, profile, "aes", b"vendor secret", force=True)
+        chiplock.lock(src, src, profile, "aes", b"vendor secret for io tests", force=True)
     _plain(tmp_path / "other.safetensors")
     with pytest.raises(OutputError, match="plaintext safetensors model"):
-        chiplock.lock(src, tmp_path / "other.safetensors", profile, "aes", b"vendor secret")
+        chiplock.lock(src, tmp_path / "other.safetensors", profile, "aes", b"vendor secret for io tests")
     with pytest.raises(OutputError, match="does not exist; create it first"):
-        chiplock.lock(src, tmp_path / "no" / "m.chiplock", profile, "aes", b"vendor secret")
+        chiplock.lock(src, tmp_path / "no" / "m.chiplock", profile, "aes", b"vendor secret for io tests")
     assert src.read_bytes() == before
     assert _names(tmp_path) == ["m.safetensors", "other.safetensors"]
 
@@ -318,10 +318,10 @@ def test_lock_replaces_a_container_or_with_force_a_plaintext_file(tmp_path, prof
     kdf = KdfParams(**INSECURE_FAST)
     out = tmp_path / "m.chiplock"
     _container(out)
-    chiplock.lock(src, out, profile, "aes", b"vendor secret", kdf=kdf)
+    chiplock.lock(src, out, profile, "aes", b"vendor secret for io tests", kdf=kdf)
     assert io.file_kind(out) == "container" and out.stat().st_size > 100
     target = tmp_path / "other.safetensors"
     _plain(target)
-    chiplock.lock(src, target, profile, "aes", b"vendor secret", kdf=kdf, force=True)
+    chiplock.lock(src, target, profile, "aes", b"vendor secret for io tests", kdf=kdf, force=True)
     assert io.file_kind(target) == "container"
     assert _names(tmp_path) == ["m.chiplock", "m.safetensors", "other.safetensors"]

@@ -142,8 +142,8 @@ def test_a_profile_that_loads_can_lock(tmp_path, fast_kdf):
     loaded = DeviceProfile.load(path)
     assert loaded.entropy_bits() == 80.0 and isinstance(loaded.created, float)
     w = {"w": torch.arange(4.0)}
-    chiplock.lock(w, tmp_path / "m.chiplock", loaded, "aes", secret=b"s", kdf=fast_kdf)
-    assert torch.equal(chiplock.unlock(tmp_path / "m.chiplock", profile=loaded, secret=b"s")["w"], w["w"])
+    chiplock.lock(w, tmp_path / "m.chiplock", loaded, "aes", secret=b"s" * 16, kdf=fast_kdf)
+    assert torch.equal(chiplock.unlock(tmp_path / "m.chiplock", profile=loaded, secret=b"s" * 16)["w"], w["w"])
 
 
 def test_profile_folder_is_a_profile_error(tmp_path):

@@ -124,6 +124,12 @@ def _cpu_ops() -> dict[str, Callable[[], Any]]:
     }
 
 
+#: The most a (public, possibly crafted) helper may ask one reproduction to measure: 4x the default rounds and
+#: 3x the default profiles, so a file cannot make unlock run for minutes.
+MAX_ROUNDS = 400
+MAX_PROFILES = 9
+
+
 def cpu_timings(rounds: int = 100, warmup: int = 10) -> tuple[list[str], np.ndarray]:
     """Time every CPU operation ``rounds`` times, interleaved (round-robin), after ``warmup`` rounds.
 
@@ -414,6 +420,13 @@ class ClockSource(FingerprintSource):
                 or any(k not in helper for k in keys)):
             raise FingerprintError("the clock helper data has an unknown version or is damaged; upgrade chiplock "
                                    "or obtain a fresh copy of the file")
+        r, q, n = helper["rounds"], helper["quantile"], helper.get("profiles", 1)
+        # Measurement sizes come from a public, possibly crafted file: bounded, so it cannot make unlock hang.
+        if (helper["device"] not in ("cpu", "cuda") or type(r) is not int or not 1 <= r <= MAX_ROUNDS
+                or type(n) is not int or not 1 <= n <= MAX_PROFILES
+                or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0):
+            raise FingerprintError("the clock helper data is damaged (measurement sizes out of range); obtain a "
+                                   "fresh copy of the file")
         if helper["device"] == "cuda":
             import torch
 

@@ -408,4 +408,8 @@ class PrecisionSource(FingerprintSource):
         if version not in SUPPORTED_SUITES:
             raise FingerprintError(f"the file was locked with precision probe suite {version!r}; "
                                    f"this chiplock runs suites {SUPPORTED_SUITES}: upgrade chiplock")
-        return _combine(probe_digests(helper.get("device", "cpu"), suite_version=version), version)
+        device = helper.get("device", "cpu")
+        if device not in ("cpu", "cuda"):
+            raise FingerprintError(f"the file's precision helper names device {str(device)[:40]!r}; only 'cpu' and "
+                                   "'cuda' exist: the file is damaged, obtain a fresh copy")
+        return _combine(probe_digests(device, suite_version=version), version)

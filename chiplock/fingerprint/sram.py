@@ -41,6 +41,9 @@ ENV_SIM_DEVICE = "CHIPLOCK_SRAM_SIM_DEVICE"
 ENV_SIM_NOISE = "CHIPLOCK_SRAM_SIM_NOISE"
 MAX_DUMP_BYTES = 64 << 20
 
+#: The largest SRAM region a helper may ask to read or simulate (16 MiB; real SRAM-PUF dumps are KiB to MiB).
+MAX_SIM_BYTES = 16 << 20
+
 
 def simulated_device_bits(device: str, n_bytes: int) -> np.ndarray:
     """The noise-free power-up bits of simulated device ``device`` (``n_bytes * 8`` bits)."""
@@ -162,10 +165,15 @@ class SramSource(FingerprintSource):
         helper = {"version": SRAM_VERSION, "mode": mode, "offset": self.offset, "fuzzy": fuzzy_helper}
         if mode == "simulated":
             helper["sim_bytes"] = self.sim_bytes
-        entropy = params.remaining_entropy(h * params.input_bits)
+        design_entropy = params.remaining_entropy(h * params.input_bits)
+        # A simulated PUF's bits are a function of its device name (CHIPLOCK_SRAM_SIM_DEVICE): anyone who sets the
+        # same name has "the same hardware". It models a real PUF's noise and code design (the design figure is
+        # kept in info), but it binds nothing, so the key policy credits it nothing.
+        entropy = 0.0 if mode == "simulated" else design_entropy
         return Enrollment(
             source=self.name, helper=helper, material=material, entropy_bits=entropy,
-            info={"mode": mode, "seconds": time.perf_counter() - start, "code": params.to_json(),
+            info={"design_entropy_bits": design_entropy,
+                  "mode": mode, "seconds": time.perf_counter() - start, "code": params.to_json(),
                   "code_bits": params.input_bits, "leakage_bits": params.leakage_bits,
                   "entropy_per_bit": h, "assessment": assessment.to_json(), "design_ber": self.ber,
                   "failure_analytic": params.failure_probability(self.ber),
@@ -192,3 +200,8 @@ class SramSource(FingerprintSource):
                                    "or obtain a fresh copy of the file")
         if helper.get("mode") not in ("dump", "simulated"):
             raise FingerprintError("the SRAM helper data names an unknown reading mode; upgrade chiplock")
+        # Sizes come from a public, possibly crafted file: bound them before any reading or allocation.
+        sim, offset = helper.get("sim_bytes", 64), helper.get("offset", 0)
+        if (not isinstance(helper["fuzzy"], dict) or type(sim) is not int or not 64 <= sim <= MAX_SIM_BYTES
+                or type(offset) is not int or not 0 <= offset <= MAX_SIM_BYTES):
+            raise FingerprintError("the SRAM helper data is damaged (sizes out of range); obtain a fresh copy")

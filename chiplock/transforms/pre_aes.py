@@ -102,10 +102,26 @@ def order_key(bits: np.ndarray, kind: str, w: int) -> np.ndarray:
     ut = bits.dtype.type
     sign = ut(1 << (w - 1))
     if kind == "float":
-        return np.where(bits & sign, ~bits, bits | sign).astype(ut)
+        # Negative values flip every bit, the others the sign bit: the arithmetic shift spreads the sign.
+        spread = (bits.view(np.dtype(f"i{w // 8}")) >> (w - 1)).view(ut)
+        spread |= sign
+        spread ^= bits
+        return spread
     if kind == "int":
         return bits ^ sign
     return bits
+
+
+def _sorted_keys(keys: np.ndarray) -> np.ndarray:
+    """``np.sort(keys)``; 32- and 64-bit keys go through torch's (radix) sort as order-preserving signed ints."""
+    if keys.dtype.itemsize < 4 or keys.size < 1 << 16:
+        return np.sort(keys)
+    w = keys.dtype.itemsize * 8
+    sign = keys.dtype.type(1 << (w - 1))
+    flipped = np.ascontiguousarray(keys ^ sign).view(np.dtype(f"i{w // 8}"))
+    out = torch.sort(torch.from_numpy(flipped)).values.numpy().view(keys.dtype)
+    out ^= sign
+    return out
 
 
 def from_order_key(u: np.ndarray, kind: str, w: int) -> np.ndarray:
@@ -213,6 +229,12 @@ class _Codec:
             self.floats[:, 5], self.floats[:, 6] = _values(self.U[:-1], dtype), _values(self.U[1:], dtype)
             self.ints[:, 7] = (bits[:-1] | (bits[1:] << np.uint64(32))).view(np.int64)
         self.nonempty = np.flatnonzero(self.nf > 0)
+        self._top_nz = np.ascontiguousarray(self.U[1:][self.nonempty])
+        self._bot_nz = np.ascontiguousarray(self.U[:-1][self.nonempty])
+        # The preimage search's index over the keys' top 16 bits: jump[p] bottoms lie below p << jb.
+        self._jb = np.uint64(max(self.w - SLOT_BITS, 0))
+        self._jump = np.append(np.searchsorted(self._bot_nz, np.arange(SLOTS, dtype=np.uint64) << self._jb),
+                               len(self._bot_nz)).astype(np.int64)
         u64 = np.uint64
         self._args = (u64(self.mc % (1 << 64)), u64(self.esc_lo), u64(self.shift), u64(self.q), self.table,
                       self.ints, self.floats, self.fmt, self.w, u64(self.u0))
@@ -262,15 +284,15 @@ class _Codec:
 
     def preimage(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Main-region codes of each order key ``u``: ``[lo, lo + count)`` (count may be 0)."""
-        nz = self.nonempty
-        ia = np.searchsorted(self.U[1:][nz], u, side="left")
-        ka = np.where(ia < len(nz), nz[np.minimum(ia, len(nz) - 1)], -1).astype(np.int64)
-        ib = np.searchsorted(self.U[:-1][nz], u, side="right") - 1
-        kb = np.where(ib >= 0, nz[np.maximum(ib, 0)], -1).astype(np.int64)
-        x_lo, x_hi = self._cell(u)
+        u = np.ascontiguousarray(u, dtype=np.uint64)
+        if self.fmt in (_kernel.FMT_F32, _kernel.FMT_INT):
+            x_lo = x_hi = np.empty(0)  # the kernel computes its own search seeds
+        else:
+            x_lo, x_hi = self._cell(u)
         lo = np.empty(u.size, np.uint64)
         cnt = np.empty(u.size, np.uint64)
-        _kernel.preimage_into(u, x_lo, x_hi, lo, cnt, ka, kb, self.nf, self.ce, *self._args)
+        _kernel.preimage_keys_into(u, x_lo, x_hi, lo, cnt, self._top_nz, self._bot_nz, self.nonempty, self._jump,
+                                   self._jb, self.nf, self.ce, *self._args)
         return lo, cnt
 
     def _cell(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -361,7 +383,8 @@ def _cells(keys: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray
     return lo, hi
 
 
-def build_model(t: torch.Tensor, rng: np.random.Generator, k: int | None = None) -> tuple[torch.Tensor, bool]:
+def build_model(t: torch.Tensor, rng: np.random.Generator, k: int | None = None,
+                keys: np.ndarray | None = None) -> tuple[torch.Tensor, bool]:
     """The public breakpoints and the non-finite flag for tensor ``t``.
 
     Breakpoints are in ``t``'s dtype for 32- and 64-bit dtypes, float32 positions for 8- and 16-bit ones.
@@ -377,19 +400,24 @@ def build_model(t: torch.Tensor, rng: np.random.Generator, k: int | None = None)
       spacing of the data, so it equals a weight about as often as a value drawn from the model does.
 
     The outer breakpoints lie a random distance (up to the mean spacing of the ten outermost resampled
-    values) below the minimum and above the maximum. ``k`` overrides the number of intervals.
+    values) below the minimum and above the maximum. ``k`` overrides the number of intervals; ``keys``, the
+    order keys of all of ``t`` if the caller has them (used when every element is finite).
     """
     flat = t.reshape(-1)
     mask = _finite_mask(flat)
     nonfinite = bool(mask is not None and not mask.all())
-    finite = flat[mask] if mask is not None else flat
+    finite = flat[mask] if nonfinite else flat
     udtype, kind = DTYPES[t.dtype]
     w = np.dtype(udtype).itemsize * 8
     if flat.numel() < SMALL_N or finite.numel() < SMALL_N or t.dtype == torch.float64:
         # float64 is always stored raw; it needs no quantile model.
         bounds = _small_bounds(flat)
         return (_as_positions(bounds) if w <= 16 else bounds), nonfinite
-    keys = np.sort(order_key(raw_view(finite), kind, w)).astype(np.uint64)
+    if keys is None or keys.size != flat.numel() or nonfinite:
+        keys = order_key(raw_view(finite), kind, w)
+    keys = _sorted_keys(keys)
+    if w <= 16:
+        keys = keys.astype(np.uint64)
     n = len(keys)
     k = k or _k_candidates(n, w)[0]
     kmin, kmax = _key_bounds(t.dtype)
@@ -433,17 +461,20 @@ def build_model(t: torch.Tensor, rng: np.random.Generator, k: int | None = None)
         return torch.from_numpy(np.sort(pos)), nonfinite
     # Positions: values for floats (so blocks are value-linear, not spread over binades near zero), order keys
     # for integers (already value-linear).
-    boot_keys = np.sort(keys[rng.integers(0, n, nb)])
-    boot = _values(boot_keys, t.dtype) if kind == "float" else boot_keys.astype(np.float64)
-    a = boot[i]
+    # keys are sorted, so the sorted resample keys[idx] is keys[sorted idx]: only these few of its ranks are
+    # needed, which are ranks of the drawn indices; the whole resample is never sorted.
+    h = max(1, nb // (4 * k))
+    lo_i, hi_i = np.maximum(i - h, 0), np.minimum(i + h, nb - 1)
+    ranks = np.concatenate([i, lo_i, hi_i, [0, m, nb - 1, nb - 1 - m]])
+    at = keys[_order_statistics(rng.integers(0, n, nb), ranks)]
+    boot = _values(at, t.dtype) if kind == "float" else at.astype(np.float64)
+    a, boot_lo, boot_hi, (b0, bm, btop, btop_m) = np.split(boot, [k + 1, 2 * (k + 1), 3 * (k + 1)])
     atom = np.zeros(k + 1, bool)
     atom[:-1] |= a[:-1] == a[1:]
     atom[1:] |= a[1:] == a[:-1]
     # The block does not depend on where the exact weights lie inside it, so a breakpoint equals a weight with
     # about the probability that a value drawn from the model does.
-    h = max(1, nb // (4 * k))
-    lo_i, hi_i = np.maximum(i - h, 0), np.minimum(i + h, nb - 1)
-    gap = (boot[hi_i] - boot[lo_i]) / np.maximum(hi_i - lo_i, 1)
+    gap = (boot_hi - boot_lo) / np.maximum(hi_i - lo_i, 1)
     # Where the local spacing is 0 (a value repeated over the whole neighbourhood) the breakpoint keeps it.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         block = np.where(gap > 0, np.exp2(np.ceil(np.log2(16.0 * gap))), 0.0)
@@ -454,15 +485,14 @@ def build_model(t: torch.Tensor, rng: np.random.Generator, k: int | None = None)
         offset = np.floor(offset) if kind != "float" else offset
         moved = np.floor(a / safe) * safe + offset
     br = np.sort(np.where(atom | (block == 0) | ~np.isfinite(moved), a, moved))
-    low_gap = float(boot[m] - boot[0]) / m
-    high_gap = float(boot[-1] - boot[-1 - m]) / m
+    low_gap = float(bm - b0) / m
+    high_gap = float(btop - btop_m) / m
     if kind == "float":
         with np.errstate(over="ignore", invalid="ignore"):
-            ext = _round_keys(np.array([boot[0] - rng.random() * low_gap, boot[-1] + rng.random() * high_gap]),
-                              t.dtype)
+            ext = _round_keys(np.array([b0 - rng.random() * low_gap, btop + rng.random() * high_gap]), t.dtype)
             brk = np.sort(_round_keys(br, t.dtype))  # keys: -0.0 and +0.0 compare equal as values
-        lo_key = min(int(ext[0]), int(keys[0]) - 1) if np.isfinite(boot[0] - low_gap) else int(keys[0])
-        hi_key = max(int(ext[1]), int(keys[-1]) + 1) if np.isfinite(boot[-1] + high_gap) else int(keys[-1])
+        lo_key = min(int(ext[0]), int(keys[0]) - 1) if np.isfinite(b0 - low_gap) else int(keys[0])
+        hi_key = max(int(ext[1]), int(keys[-1]) + 1) if np.isfinite(btop + high_gap) else int(keys[-1])
         lo_key, hi_key = max(lo_key, kmin), min(hi_key, kmax)
         br = np.array([min(max(int(x), kmin), kmax) for x in brk], dtype=np.uint64)
     else:
@@ -474,6 +504,28 @@ def build_model(t: torch.Tensor, rng: np.random.Generator, k: int | None = None)
     br[-1] = max(int(br[-1]), hi_key)
     bits = np.ascontiguousarray(from_order_key(br.astype(udtype), kind, w))
     return torch.from_numpy(bits.view(np.dtype(f"i{w // 8}") if w > 8 else np.uint8)).view(t.dtype), nonfinite
+
+
+def _order_statistics(x: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``np.sort(x)[r]`` for non-negative int64 ``x``, without sorting all of ``x``.
+
+    A histogram over the top bits of ``x`` (about 2**18 buckets) says which bucket holds each rank; only those
+    buckets are gathered and sorted: two compiled passes over ``x`` instead of a sort.
+    """
+    x = np.ascontiguousarray(x, dtype=np.int64)
+    shift = np.int64(max(0, int(x.max(initial=0)).bit_length() - 18))
+    ends = np.zeros((int(x.max(initial=0)) >> shift) + 2, np.int64)
+    _kernel.bucket_counts(x, shift, ends)
+    np.cumsum(ends, out=ends)  # ends[b]: elements in the buckets before b
+    bucket = np.searchsorted(ends, r, side="right") - 1
+    need = np.zeros(len(ends) - 1, bool)
+    need[bucket] = True
+    sizes = np.where(need, np.diff(ends), 0)
+    start = np.cumsum(sizes) - sizes
+    buf = np.empty(int(sizes.sum()), np.int64)
+    _kernel.gather_buckets(x, shift, np.where(need, start, -1), buf)
+    buf.sort()  # the buckets are disjoint ranges in bucket order: sorting all sorts each
+    return buf[start[bucket] + np.asarray(r) - ends[bucket]]
 
 
 def _fine_keys(pos: np.ndarray, dtype: torch.dtype) -> np.ndarray:
@@ -526,7 +578,7 @@ def _model_and_codec(t: torch.Tensor, keys: np.ndarray,
     first = None
     for k in tries:
         # The same seed for every try: the same bootstrap resample, only the interval count changes.
-        breaks, nonfinite = build_model(t, np.random.Generator(np.random.PCG64(seed)), k)
+        breaks, nonfinite = build_model(t, np.random.Generator(np.random.PCG64(seed)), k, keys)
         first = first or (breaks, nonfinite)
         if nonfinite or w > 16:
             break
@@ -574,9 +626,12 @@ class PreAesTransform(Transform):
         w = np.dtype(udtype).itemsize * 8
         keys = order_key(src, kind, w)
         breaks, codec = _model_and_codec(t, keys, model_seed)
-        codes = np.empty(src.size, dtype=codec.cdtype)
+        out = np.empty(src.size, dtype=codec.cdtype)
+        nonce = os.urandom(16)
+        itemsize = out.itemsize
         if codec.raw:
-            codes[:] = keys
+            codes = keys.astype(codec.cdtype)
+            aes_ctr_into(key, nonce, codes.view(np.uint8), out.view(np.uint8))
         else:
             table = None
             if w <= 16:
@@ -595,20 +650,21 @@ class PreAesTransform(Transform):
                     lo, cnt = table[0][u], table[1][u]
                 else:
                     lo, cnt = codec.preimage(u)
-                has, esc = codec.escape_code(u)
-                total = cnt + has.astype(np.uint64)
-                if np.any(total == 0):
+                total = np.empty(b - a, np.uint64)
+                if _kernel.code_totals(u, cnt, np.uint64(codec.esc_lo), np.uint64(codec.R), total):
                     raise RuntimeError("pre-aes could not encode a value exactly; please report this as a bug")
                 r = np.random.Generator(np.random.PCG64(streams[a // _CHUNK])).integers(0, total, dtype=np.uint64)
-                c = np.where(r < cnt, lo + r, esc)
-                if np.any(codec.decode(c) != u):
+                codes = np.empty(b - a, codec.cdtype)
+                _kernel.pick_codes(u, lo, cnt, r, np.uint64(codec.esc_lo), np.uint64(codec.mc % (1 << 64)), codes)
+                # Check with the unlock path itself (one compiled decoder for both directions).
+                bits = np.empty(b - a, dtype=src.dtype)
+                codec.decode_bits_into(codes, bits)
+                if not np.array_equal(bits, src[a:b]):
                     raise RuntimeError("pre-aes could not encode a value exactly; please report this as a bug")
-                codes[a:b] = c.astype(codec.cdtype)
+                # Encrypt the chunk while it is in cache (CTR is seekable: the same stream as one pass).
+                aes_ctr_into(key, nonce, codes.view(np.uint8), out[a:b].view(np.uint8), a * itemsize)
 
             parallel_for(src.size, _CHUNK, work)
-        nonce = os.urandom(16)
-        out = np.empty_like(codes)
-        aes_ctr_into(key, nonce, codes.view(np.uint8), out.view(np.uint8))
         params = {"breaks": raw_view(breaks).tobytes().hex(), "escape": [codec.esc_lo, codec.R],
                   "nonce": nonce.hex(), "mode": "raw" if codec.raw else "model"}
         return Encoded(out, params, stored_dtype=NUMPY_CODE_NAMES[np.dtype(codec.cdtype)])

@@ -19,11 +19,13 @@ def weights():
 def test_simulated_sram_locks_and_unlocks_without_a_profile(tmp_path, weights, monkeypatch):
     monkeypatch.delenv("CHIPLOCK_SRAM_DUMP", raising=False)
     profile = chiplock.enroll(("sram",), options={"sram": {"simulate": "board-7", "noise": 0.1}})
-    assert profile.entropy_bits() >= 128
+    # A simulated PUF is a function of its name: credited 0 bits, so locking to it alone is refused as weak.
+    assert profile.entropy_bits() == 0.0 and profile.enrollments[0].info["design_entropy_bits"] >= 128
     path = tmp_path / "m.chiplock"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # >= 128 bits after leakage: no low-entropy warning
+    with pytest.raises(chiplock.WeakKey):
         chiplock.lock(weights, path, profile, transform="aes", kdf=KdfParams(**INSECURE_FAST))
+    with pytest.warns(chiplock.LowEntropyWarning):
+        chiplock.lock(weights, path, profile, transform="aes", kdf=KdfParams(**INSECURE_FAST), allow_weak_key=True)
     assert b"board-7" not in path.read_bytes()
     monkeypatch.setenv("CHIPLOCK_SRAM_SIM_DEVICE", "board-7")
     out = chiplock.unlock(path)

@@ -106,3 +106,48 @@ def test_preimage_search_is_exact_for_every_value(name):
     # Values without main-region codes have an escape code.
     has, esc = codec.escape_code(u[~ok])
     assert np.all(has) and np.array_equal(codec.decode_reference(esc), u[~ok])
+
+
+def _first_code_reference(codec: _Codec, u: np.ndarray, strict: bool) -> np.ndarray:
+    """The first main-region code whose numpy-defined decode is >= u (> when strict), by bisection over the
+    whole main region (the decode is monotone there): an independent check of the compiled search."""
+    lo = np.zeros(u.size, np.uint64)
+    hi = np.full(u.size, codec.mc, np.uint64)  # mc < 2**64 wherever the main region is searched
+    while np.any(lo < hi):
+        mid = lo + (hi - lo) // np.uint64(2)
+        d = codec.decode_reference(np.minimum(mid, np.uint64(codec.mc - 1)))
+        hit = (d > u) if strict else (d >= u)
+        hi = np.where((lo < hi) & hit, mid, hi)
+        lo = np.where((lo < hi) & ~hit, mid + np.uint64(1), lo)
+    return lo
+
+
+@pytest.mark.parametrize("name", ["f32-gauss", "f32-zeros-tiny", "f16-gauss", "bf16-zeros", "i32", "i64"])
+def test_preimage_is_exact_at_breakpoints_and_zeros(name):
+    # Keys at, just below and just above every breakpoint (where the clamp decides), +-0 and the smallest
+    # subnormals (where value order and key order part), and keys the data does not hold.
+    x = CASES[name]
+    codec = _codec(x)
+    kind, w = _kind(x)
+    top = np.uint64((1 << w) - 1)
+    special = order_key(raw_view(torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-42], dtype=x.dtype)), kind, w) \
+        if kind == "float" else np.zeros(0, np.uint64)
+    rng = np.random.default_rng(11)
+    spread = rng.integers(int(codec.U[0]), int(codec.U[-1]), 2000, dtype=np.uint64, endpoint=True)
+    u = np.unique(np.concatenate([codec.U, codec.U - np.uint64(1), codec.U + np.uint64(1),
+                                  special.astype(np.uint64), spread]) & top)
+    lo, cnt = codec.preimage(u)
+    first = _first_code_reference(codec, u, False)
+    end = _first_code_reference(codec, u, True)
+    np.testing.assert_array_equal(cnt, np.where(end > first, end - first, np.uint64(0)))
+    np.testing.assert_array_equal(lo[cnt > 0], first[cnt > 0])
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 300_000])
+def test_order_statistics_match_a_full_sort(n):
+    from chiplock.transforms.pre_aes import _order_statistics
+
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, max(n // 3, 1), n)  # repeated values, as a bootstrap resample's indices are
+    r = np.concatenate([[0, n - 1], rng.integers(0, n, 500)])
+    np.testing.assert_array_equal(_order_statistics(x, r), np.sort(x)[r])
