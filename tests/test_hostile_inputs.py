@@ -99,3 +99,15 @@ def test_container_with_a_header_past_the_sniff_limit_is_still_a_container(locke
     assert file_kind(plain) in ("safetensors", "other")
     with pytest.raises(chiplock.OutputError):
         io.check_output(locked, kind="weights", force=True)
+
+
+def test_public_fingerprint_output_has_no_timing(capsys):
+    """The precision suite's run time tells one thread from several, so it is configuration: --sensitive only."""
+    import json
+
+    capsys.readouterr()
+    assert run(["fingerprint", "--json"]) == 0
+    public = json.loads(capsys.readouterr().out)
+    assert "seconds" not in json.dumps(public)
+    assert run(["fingerprint", "--json", "--sensitive"]) == 0
+    assert "seconds" in capsys.readouterr().out
