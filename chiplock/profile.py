@@ -137,7 +137,10 @@ class DeviceProfile:
                 field of the wrong type (the message names it).
         """
         try:
-            with open(path, "rb") as fh:
+            # Non-blocking open, then blocking reads: a FIFO nobody writes reads as empty instead of hanging.
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as fh:
+                os.set_blocking(fh.fileno(), True)
                 raw = fh.read(MAX_PROFILE_BYTES + 1)
         except FileNotFoundError:
             raise ProfileError(f"device profile {os.fspath(path)!r} not found; create it on the device with "

@@ -111,3 +111,10 @@ def test_public_fingerprint_output_has_no_timing(capsys):
     assert "seconds" not in json.dumps(public)
     assert run(["fingerprint", "--json", "--sensitive"]) == 0
     assert "seconds" in capsys.readouterr().out
+
+
+def test_profile_fifo_without_writer_does_not_hang(tmp_path):
+    fifo = tmp_path / "device.json"
+    os.mkfifo(fifo)
+    with pytest.raises(chiplock.ProfileError):
+        chiplock.DeviceProfile.load(fifo)
