@@ -64,7 +64,7 @@ def _machine() -> str:
 
 def reproduction(args: argparse.Namespace) -> dict:
     from chiplock.fingerprint import get_source
-    from chiplock.fingerprint.clock import _BUSY
+    from chiplock.fingerprint.clock import busy_cpu
 
     cpus = sorted(os.sched_getaffinity(0))
     load_before = os.getloadavg()
@@ -72,22 +72,16 @@ def reproduction(args: argparse.Namespace) -> dict:
     want = hashlib.sha256(enrollment.material).hexdigest()
     per = args.trials // args.processes
     results = []
-    busy = subprocess.Popen([sys.executable, "-c", _BUSY, str(cpus[-1])]) if args.busy else None
     pin = json.dumps([cpus[0]] if args.busy else [])
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            helper_path = Path(tmp) / "helper.json"
-            helper_path.write_text(json.dumps(enrollment.helper))
-            for p in range(args.processes):
-                proc = subprocess.run([sys.executable, "-c", CHILD, str(helper_path), want, str(per), pin],
-                                      capture_output=True, text=True, check=True)
-                results.extend(json.loads(proc.stdout.strip().splitlines()[-1]))
-                ok = sum(r["ok"] for r in results)
-                print(f"process {p + 1}/{args.processes}: {ok}/{len(results)} reproduced", flush=True)
-    finally:
-        if busy is not None:
-            busy.kill()
-            busy.wait()
+    with busy_cpu(cpus[-1] if args.busy else None), tempfile.TemporaryDirectory() as tmp:
+        helper_path = Path(tmp) / "helper.json"
+        helper_path.write_text(json.dumps(enrollment.helper))
+        for p in range(args.processes):
+            proc = subprocess.run([sys.executable, "-c", CHILD, str(helper_path), want, str(per), pin],
+                                  capture_output=True, text=True, check=True)
+            results.extend(json.loads(proc.stdout.strip().splitlines()[-1]))
+            ok = sum(r["ok"] for r in results)
+            print(f"process {p + 1}/{args.processes}: {ok}/{len(results)} reproduced", flush=True)
     secs = sorted(r["seconds"] for r in results)
     tries: dict[int, int] = {}
     for r in results:

@@ -4,9 +4,9 @@ The safe verbs live here; :mod:`chiplock.keys`, :mod:`chiplock.transforms` and :
 are public expert layers.
 """
 
-from chiplock.errors import (AlreadyFinalized, ChiplockError, ContainerError, FingerprintError, InvalidKey, WeakKey,
-                             InvalidTag, ProfileError, UnsupportedConfig)
-from chiplock.errors import FileAccessError, KeyFileError, OutputError
+from chiplock.errors import (AlreadyFinalized, ChiplockError, ContainerError, FileAccessError, FingerprintError,
+                             InvalidKey, InvalidTag, KeyFileError, OutputError, ProfileError, UnsupportedConfig,
+                             WeakKey)
 from chiplock.profile import DeviceProfile, enroll
 from chiplock.api import LowEntropyWarning, inspect, lock, unlock
 

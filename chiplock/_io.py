@@ -88,6 +88,25 @@ def check_input(path: str | os.PathLike, what: str, hint: str,
         raise error(f"{what} {_short(path)} is a folder, not a file; {hint}")
 
 
+def read_capped(path: str | os.PathLike, limit: int) -> bytes:
+    """Read at most ``limit + 1`` bytes of a small input file (a caller refuses more than ``limit``).
+
+    The file is opened non-blocking, so a FIFO without a writer cannot hang the open, then read blocking, so a pipe
+    (``--secret-file <(pass show vendor)``) is read to its end and a FIFO nobody writes reads as empty. Only a
+    regular file, a FIFO or a character device is read (an endless one stops at the cap).
+
+    Raises:
+        OSError: The file cannot be opened or read; ``errno.ENODEV`` when it is not one of the kinds above.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            raise OSError(errno.ENODEV, "not a file", os.fspath(path))
+        os.set_blocking(fd, True)
+        return fh.read(limit + 1)
+
+
 def check_output_folder(path: str | os.PathLike) -> None:
     """A folder that a command will create (a report folder) must be creatable: no file in the way."""
     text = os.fspath(path)

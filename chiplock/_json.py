@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["JSONLimitError", "Limits", "check_tree", "loads", "scan"]
+__all__ = ["JSONLimitError", "Limits", "check_tree", "is_int", "loads", "scan", "show", "size_problem"]
 
 _SCAN_CHUNK = 4 << 20
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
@@ -105,6 +105,27 @@ def scan(data: bytes, max_depth: int) -> int:
     return deepest
 
 
+def size_problem(data: bytes, limits: Limits) -> str | None:
+    """Why ``data`` exceeds the byte-count caps of ``limits`` (size, ``{``/``[`` and ``,`` bytes), or ``None``.
+
+    These are the checks :func:`loads` makes before parsing; a writer calls this on the bytes it is about to
+    write so that it never produces a document the reader would refuse (counts only, no parse).
+    """
+    return _count(data, limits)[0]
+
+
+def _count(data: bytes, limits: Limits) -> tuple[str | None, int]:
+    # (size_problem, number of "{" and "[" bytes); the count is 0 when the size alone is over the cap.
+    if len(data) > limits.max_bytes:
+        return f"is larger than {limits.max_bytes} bytes", 0
+    containers = data.count(b"{") + data.count(b"[")
+    if containers > limits.max_containers:
+        return f"holds more than {limits.max_containers} JSON objects and arrays", containers
+    if data.count(b",") > limits.max_items:
+        return f"holds more than {limits.max_items} JSON values", containers
+    return None, containers
+
+
 def loads(data: bytes, limits: Limits) -> Any:
     """Parse the UTF-8 JSON document ``data`` within ``limits``.
 
@@ -115,13 +136,9 @@ def loads(data: bytes, limits: Limits) -> Any:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError("data must be bytes")
     data = bytes(data)
-    if len(data) > limits.max_bytes:
-        raise JSONLimitError(f"is larger than {limits.max_bytes} bytes")
-    containers = data.count(b"{") + data.count(b"[")
-    if containers > limits.max_containers:
-        raise JSONLimitError(f"holds more than {limits.max_containers} JSON objects and arrays")
-    if data.count(b",") > limits.max_items:
-        raise JSONLimitError(f"holds more than {limits.max_items} JSON values")
+    problem, containers = _count(data, limits)
+    if problem:
+        raise JSONLimitError(problem)
     # Depth is at most the number of opening brackets, so small documents skip the scan.
     if containers > limits.max_depth and scan(data, limits.max_depth) > limits.max_depth:
         raise JSONLimitError(f"is nested deeper than {limits.max_depth} levels")
@@ -209,3 +226,14 @@ def check_tree(obj: Any, *, max_depth: int, max_str: int) -> str | None:
         else:
             return f"it holds a {type(x).__name__}, which is not a JSON type"
     return None
+
+
+def is_int(x: object) -> bool:
+    """Whether the parsed JSON value ``x`` is an integer (``true`` and ``false`` parse as bools, which are ints)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def show(x: object, width: int = 40) -> str:
+    """A short repr of an untrusted value for messages: a hostile file may hold megabyte-long values."""
+    r = repr(x)
+    return r if len(r) <= width else r[:width - 3] + "..."

@@ -20,7 +20,7 @@ from chiplock.container.format import (FORMAT_NAME, FORMAT_VERSION, build_header
                                        tree_root)
 from chiplock.errors import ContainerError, InvalidKey, InvalidTag, ProfileError, UnsupportedConfig, WeakKey
 from chiplock.fingerprint import get_source
-from chiplock.keys.combine import key_strength
+from chiplock.keys.combine import MIN_ENTROPY_BITS, key_strength
 from chiplock.keys.kdf import ARGON2_MAX_MEMORY_KIB, KdfParams, MasterKDF, assemble_material, subkey
 from chiplock.profile import DeviceProfile
 from chiplock.transforms import DTYPE_BY_NAME, DTYPE_NAMES, get_transform
@@ -28,7 +28,6 @@ from chiplock.transforms import DTYPE_BY_NAME, DTYPE_NAMES, get_transform
 Progress = Callable[[str, int, int], None]
 _CHECK_LABEL = b"chiplock key check v1"
 _HEADER_LABEL = b"chiplock header mac v1\0"
-MIN_ENTROPY_BITS = 64
 #: A vendor secret shorter than this does not count as one (it could be guessed alongside the fingerprint).
 MIN_SECRET_BYTES = 16
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import json
-import os
-import stat
 import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -20,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from chiplock._io import check_input, check_output, os_error
+from chiplock._io import check_input, check_output, os_error, read_capped
 from chiplock.errors import (ChiplockError, ContainerError, FileAccessError, KeyFileError, OutputError,
                              ProfileError)
 from chiplock.fingerprint.cli import app as fingerprint_app
@@ -71,17 +70,10 @@ _MAX_SMALL_INPUT = 1 << 20
 def _read_input(path: Path, what: str, hint: str, error: type[ChiplockError] = FileAccessError) -> bytes:
     check_input(path, what, hint, error)
     try:
-        # Opened non-blocking so a FIFO without a writer cannot hang the open; then blocking again, so a pipe
-        # (`--secret-file <(pass show vendor)`, which keeps the secret off the disk) is read to its end, and a FIFO
-        # nobody writes reads as empty. Folders and sockets are refused; endless devices stop at the cap.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
-                raise error(f"{what} {str(path)!r} is not a file; {hint}")
-            os.set_blocking(fh.fileno(), True)
-            data = fh.read(_MAX_SMALL_INPUT + 1)
+        data = read_capped(path, _MAX_SMALL_INPUT)  # A FIFO or pipe works; a folder or socket is refused.
     except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            raise error(f"{what} {str(path)!r} is not a file; {hint}") from None
         raise os_error(exc, path, "read") from None
     if len(data) > _MAX_SMALL_INPUT:
         raise error(f"{what} {str(path)!r} is larger than {_MAX_SMALL_INPUT >> 20} MiB; {hint}")

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, NoReturn
 
 from chiplock import _json
-from chiplock._io import atomic_write_bytes
+from chiplock._json import show as _show
+from chiplock._io import atomic_write_bytes, read_capped
 from chiplock.errors import ProfileError
 from chiplock.fingerprint import Enrollment, available_sources, get_source
 
@@ -105,7 +106,7 @@ class DeviceProfile:
         if not isinstance(data, Mapping) or "chiplock_profile" not in data:
             raise ProfileError("this is not a chiplock device profile; create one with `chiplock enroll -o FILE`")
         version = data["chiplock_profile"]
-        if not (isinstance(version, int) and not isinstance(version, bool) and version == PROFILE_VERSION):
+        if not (_json.is_int(version) and version == PROFILE_VERSION):
             raise ProfileError(f"device profile version {_show(version)} is not supported by this "
                                f"chiplock (expects {PROFILE_VERSION}); re-enroll the device or upgrade")
         unknown = set(data) - _PROFILE_FIELDS
@@ -137,16 +138,13 @@ class DeviceProfile:
                 field of the wrong type (the message names it).
         """
         try:
-            # Non-blocking open, then blocking reads: a FIFO nobody writes reads as empty instead of hanging.
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-            with os.fdopen(fd, "rb") as fh:
-                os.set_blocking(fh.fileno(), True)
-                raw = fh.read(MAX_PROFILE_BYTES + 1)
+            raw = read_capped(path, MAX_PROFILE_BYTES)  # A FIFO nobody writes reads as empty instead of hanging.
         except FileNotFoundError:
             raise ProfileError(f"device profile {os.fspath(path)!r} not found; create it on the device with "
                                "`chiplock enroll -o FILE`") from None
         except OSError as exc:
-            raise ProfileError(f"device profile {os.fspath(path)!r} is unreadable ({type(exc).__name__}); "
+            raise ProfileError(f"device profile {os.fspath(path)!r} is unreadable "
+                               f"({exc.strerror or type(exc).__name__}); "
                                "check the path, or re-enroll the device with `chiplock enroll -o FILE`") from None
         try:
             data = _json.loads(raw, PROFILE_LIMITS)
@@ -154,11 +152,6 @@ class DeviceProfile:
             raise ProfileError(f"device profile {os.fspath(path)!r} is unreadable (it {exc}); re-enroll the "
                                "device with `chiplock enroll -o FILE`") from None
         return cls.from_json(data)
-
-
-def _show(x: object) -> str:
-    r = repr(x)
-    return r if len(r) <= 40 else r[:37] + "..."
 
 
 def _malformed(why: str) -> NoReturn:

@@ -262,3 +262,13 @@ def check_transform_vectors(assert_bit_exact) -> Callable[[str], None]:
                 f"{name}/{c['tensor']}: stored bytes changed (a format change needs a new version)"
 
     return check
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of tiny tensor ops: the pool only adds OpenMP spin-waiting on a busy
+    2-core machine. Folders that want it for every test request it from an autouse fixture of their own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

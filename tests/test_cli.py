@@ -117,6 +117,9 @@ def test_signed_container_unlocks_with_the_vendor_key(files, capsys, tmp_path):
 
 
 LONG = "a" * 300
+#: A lock that would succeed but for its --signing-key (the file name follows).
+_SIGN = ["lock", "plain.safetensors", "--profile", "device.json", "-o", "x.chiplock", "--secret-file", "secret",
+         "--signing-key"]
 #: (argv, what the single error line must contain). Paths are relative to the `files` fixture's folder.
 BAD = {
     "lock: model missing": (["lock", "nope.safetensors", "--profile", "device.json", "-o", "x.chiplock",
@@ -141,24 +144,13 @@ BAD = {
                            "--secret-file", "secret"], "too long"),
     "lock: secret file missing": (["lock", "plain.safetensors", "--profile", "device.json", "-o", "x.chiplock",
                                    "--secret-file", "nope"], "secret file 'nope' not found"),
-    "lock: signing key missing": (["lock", "plain.safetensors", "--profile", "device.json", "-o", "x.chiplock",
-                                   "--secret-file", "secret", "--signing-key", "nope.pem"],
-                                  "signing key file 'nope.pem' not found"),
-    "lock: signing key garbage": (["lock", "plain.safetensors", "--profile", "device.json", "-o", "x.chiplock",
-                                   "--secret-file", "secret", "--signing-key", "garbage.pem"],
-                                  "is not a PEM private key"),
-    "lock: signing key is text": (["lock", "plain.safetensors", "--profile", "device.json", "-o", "x.chiplock",
-                                   "--secret-file", "secret", "--signing-key", "secret"],
-                                  "is not a PEM private key"),
-    "lock: signing key is public": (["lock", "plain.safetensors", "--profile", "device.json", "-o", "x.chiplock",
-                                     "--secret-file", "secret", "--signing-key", "ed.pub"],
+    "lock: signing key missing": ([*_SIGN, "nope.pem"], "signing key file 'nope.pem' not found"),
+    "lock: signing key garbage": ([*_SIGN, "garbage.pem"], "is not a PEM private key"),
+    "lock: signing key is text": ([*_SIGN, "secret"], "is not a PEM private key"),
+    "lock: signing key is public": ([*_SIGN, "ed.pub"],
                                     "is a public key; --signing-key needs the vendor's private key"),
-    "lock: signing key is RSA": (["lock", "plain.safetensors", "--profile", "device.json", "-o", "x.chiplock",
-                                  "--secret-file", "secret", "--signing-key", "rsa.pem"],
-                                 "is an RSA key; chiplock signs with Ed25519 only"),
-    "lock: signing key encrypted": (["lock", "plain.safetensors", "--profile", "device.json", "-o", "x.chiplock",
-                                     "--secret-file", "secret", "--signing-key", "locked.pem"],
-                                    "password-protected"),
+    "lock: signing key is RSA": ([*_SIGN, "rsa.pem"], "is an RSA key; chiplock signs with Ed25519 only"),
+    "lock: signing key encrypted": ([*_SIGN, "locked.pem"], "password-protected"),
     "unlock: container missing": (["unlock", "nope.chiplock", "--secret-file", "secret"],
                                   "container 'nope.chiplock' not found"),
     "unlock: container under a file": (["unlock", "secret/m.chiplock", "--secret-file", "secret"],

@@ -7,7 +7,6 @@ an existing file at ``enroll -o``, and a container whose header is too large for
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from chiplock import _json
-from chiplock._json import JSONLimitError, Limits, check_tree, loads, scan
+from chiplock._json import JSONLimitError, Limits, check_tree, loads, scan, size_problem
 
 LIMITS = Limits(max_bytes=1 << 20, max_depth=8, max_containers=100, max_items=200)
 
@@ -96,6 +96,18 @@ def test_refused(text, message):
     with pytest.raises(JSONLimitError) as exc:
         loads(text, LIMITS)
     assert str(exc.value) == message
+
+
+@pytest.mark.parametrize("text,message", [
+    (b"[" + b",".join([b"[]"] * 101) + b"]", "holds more than 100 JSON objects and arrays"),
+    (b"[" + b",".join([b"1"] * 202) + b"]", "holds more than 200 JSON values"),
+    (b"x" * ((1 << 20) + 1), "is larger than 1048576 bytes"),
+    (b"[" * 9 + b"]" * 9, None),  # depth and syntax are the parser's: counts alone cannot see them
+    (b"[1,]", None),
+])
+def test_size_problem_is_what_loads_checks_before_parsing(text, message):
+    # Writers (build_header) call size_problem on what they are about to write: it must agree with loads.
+    assert size_problem(text, LIMITS) == message
 
 
 def test_accepted_edge_cases():

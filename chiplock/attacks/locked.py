@@ -9,7 +9,8 @@ attacks at a deliberately weak encoder of its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -75,7 +76,6 @@ class PreAesTensor:
     params: dict[str, Any]
     dtype: torch.dtype
     shape: tuple[int, ...]
-    _codec_cache: Any = field(default=None, repr=False, compare=False)
 
     def decode(self, key: bytes) -> torch.Tensor:
         from chiplock.transforms import get_transform
@@ -84,17 +84,15 @@ class PreAesTensor:
 
     # Everything below reads the format's internals (the attacker knows the format); keep it in this block.
     # pre-aes v2 params carry "escape" and the codec exposes preimage(); v1 carried "nonfinite" and encode().
+    @cached_property
     def _codec(self) -> Any:
-        if self._codec_cache is None:
-            from chiplock.transforms.base import DTYPES
-            from chiplock.transforms.pre_aes import _Codec
+        from chiplock.transforms.base import DTYPES
+        from chiplock.transforms.pre_aes import _Codec
 
-            breaks = np.frombuffer(bytes.fromhex(self.params["breaks"]), dtype=DTYPES[self.dtype][0])
-            if "escape" in self.params:
-                self._codec_cache = _Codec(self.dtype, breaks, *self.params["escape"])
-            else:
-                self._codec_cache = _Codec(self.dtype, breaks, bool(self.params["nonfinite"]))
-        return self._codec_cache
+        breaks = np.frombuffer(bytes.fromhex(self.params["breaks"]), dtype=DTYPES[self.dtype][0])
+        if "escape" in self.params:
+            return _Codec(self.dtype, breaks, *self.params["escape"])
+        return _Codec(self.dtype, breaks, bool(self.params["nonfinite"]))
 
     def codes(self, key: bytes, start: int, count: int) -> np.ndarray:
         from chiplock.transforms.base import aes_ctr_into
@@ -102,7 +100,7 @@ class PreAesTensor:
         if start % 16 or start < 0 or count < 0:
             raise ValueError(f"codes(start={start}, count={count}): start must be a non-negative multiple of 16 "
                              "(an AES block boundary for every code width) and count non-negative")
-        codec = self._codec()
+        codec = self._codec
         size = np.dtype(codec.cdtype).itemsize
         src = self.stored[start * size:(start + count) * size]
         out = np.empty(src.size // size, dtype=codec.cdtype)
@@ -112,7 +110,7 @@ class PreAesTensor:
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
         from chiplock.transforms.pre_aes import from_order_key
 
-        codec = self._codec()
+        codec = self._codec
         bits = from_order_key(codec.decode(codes.astype(codec.cdtype)).astype(codec.udtype), codec.kind, codec.w)
         return _bits_to_float(bits, self.dtype)
 
@@ -122,7 +120,7 @@ class PreAesTensor:
         when the main region has none)."""
         from chiplock.transforms.pre_aes import order_key
 
-        codec = self._codec()
+        codec = self._codec
         u = order_key(_float_to_bits(values, self.dtype), codec.kind, codec.w).astype(np.uint64)
         if codec.raw:
             return u
@@ -134,7 +132,7 @@ class PreAesTensor:
     def code_ranks(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """v2 only: a value's codes are its main-region preimage ``[lo, lo + count)`` plus, where it has one, its
         escape code, ranked last (the order v2's encoder draws from)."""
-        codec = self._codec()
+        codec = self._codec
         if not hasattr(codec, "preimage"):
             raise NotImplementedError("code ranks need pre-aes v2's preimage search")
         codes = codes.astype(np.uint64)

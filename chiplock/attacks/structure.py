@@ -11,15 +11,22 @@ Each function takes a weight tensor (or two, for the cross-layer statistic) and 
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Callable
 
 import numpy as np
 import torch
 
 
+def _array(w: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``w`` as a float64 array of its own shape."""
+    return w.detach().double().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, dtype=np.float64)
+
+
 def _matrix(w: torch.Tensor | np.ndarray) -> np.ndarray:
     """Rows = output units (conv: one row per output channel), float64."""
-    a = w.detach().double().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, dtype=np.float64)
+    a = _array(w)
     return a.reshape(a.shape[0], -1)
 
 
@@ -90,7 +97,7 @@ def kernel_neighbour_corr(w: torch.Tensor | np.ndarray) -> float:
     Raises:
         ValueError: ``w`` is not a conv weight with kernels of at least 2 taps in one direction.
     """
-    a = w.detach().double().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, dtype=np.float64)
+    a = _array(w)
     if a.ndim != 4 or max(a.shape[2], a.shape[3]) < 2:
         raise ValueError("kernel_neighbour_corr needs a conv weight (out, in, kh, kw) with kh or kw >= 2")
     a = a - a.mean()
@@ -102,8 +109,7 @@ def kernel_neighbour_corr(w: torch.Tensor | np.ndarray) -> float:
 def in_channel_norms(w: torch.Tensor | np.ndarray, channels: int) -> np.ndarray:
     """L2 norm of the weights that read each of ``channels`` input channels (a linear layer after a flatten
     reads ``in_features / channels`` positions per channel)."""
-    a = w.detach().double().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, dtype=np.float64)
-    a = a.reshape(a.shape[0], -1)
+    a = _matrix(w)
     if a.shape[1] % channels:
         raise ValueError(f"a layer with {a.shape[1]} inputs per unit cannot read {channels} channels")
     return np.sqrt((a.reshape(a.shape[0], channels, -1) ** 2).sum(axis=(0, 2)))
@@ -147,9 +153,6 @@ def measure_panel(weights: dict[str, torch.Tensor], chain: list[str], *, n_locks
     Returns:
         ``{"<statistic> <tensor>": {"pos": array, "neg": array, "ms": fastest evaluation in milliseconds}}``.
     """
-    import os
-    import time
-
     from chiplock.attacks.locked import lock_pre_aes
 
     lock = lock or lock_pre_aes

@@ -24,6 +24,8 @@ import numpy as np
 from blake3 import blake3
 
 from chiplock import _json
+from chiplock._json import is_int as _is_int
+from chiplock._json import show as _show
 from chiplock.errors import ContainerError, InvalidTag, UnsupportedConfig
 
 FORMAT_NAME = "chiplock"
@@ -109,9 +111,9 @@ def build_header(meta: dict[str, Any], entries: list[tuple[str, str, tuple[int, 
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     # A header the reader would refuse must not be written: fail here, before the file gets its name.
+    # Counting the outer bytes covers the metadata string too (its brackets and commas survive JSON escaping).
     limits = HEADER_LIMITS
-    if (len(raw) > MAX_HEADER or raw.count(b"{") + raw.count(b"[") > limits.max_containers
-            or raw.count(b",") > limits.max_items):
+    if _json.size_problem(raw, limits):
         raise UnsupportedConfig(f"the container header for these {len(entries)} tensors would exceed the reader's "
                                 f"caps ({MAX_HEADER >> 20} MiB, {limits.max_containers} JSON objects and arrays, "
                                 f"{limits.max_items} values); split the model into several files")
@@ -121,12 +123,6 @@ def build_header(meta: dict[str, Any], entries: list[tuple[str, str, tuple[int, 
 def _fail(why: str) -> ContainerError:
     return ContainerError(f"{why}; this is not an intact chiplock container (re-download it, or lock the model "
                           "again with `chiplock lock`)")
-
-
-def _show(x: object, width: int = 40) -> str:
-    """A short repr for messages: a hostile file may hold megabyte-long values."""
-    r = repr(x)
-    return r if len(r) <= width else r[:width - 3] + "..."
 
 
 def tensor_name_problem(name: object) -> str | None:
@@ -150,10 +146,6 @@ def tensor_name_problem(name: object) -> str | None:
     if n > MAX_NAME_BYTES:
         return f"is longer than {MAX_NAME_BYTES} bytes"
     return None
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_hex(x: object, nbytes: int) -> bool:

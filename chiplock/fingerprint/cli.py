@@ -98,7 +98,6 @@ def fingerprint(ctx: typer.Context,
     if ctx.invoked_subcommand is not None:
         return
     results: dict[str, Any] = {}
-    enrollments: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for name in _names(source):
         try:
@@ -109,7 +108,6 @@ def fingerprint(ctx: typer.Context,
             skipped[name] = str(exc)
             continue
         results[name] = _public(enrollment)
-        enrollments[name] = enrollment
         if sensitive:
             results[name].update(_sensitive(name, enrollment, device))
     extra: dict[str, Any] = {"skipped": skipped} if skipped else {}
@@ -125,7 +123,7 @@ def fingerprint(ctx: typer.Context,
         table.add_column(col)
     for name, r in results.items():
         ent = "unknown" if r["entropy_bits"] is None else f"{r['entropy_bits']:.1f}"
-        seconds = (f"{enrollments[name].info.get('seconds', float('nan')):.2f}",) if sensitive else ()
+        seconds = (f"{r['sensitive_info'].get('seconds', float('nan')):.2f}",) if sensitive else ()
         table.add_row(name, *((r["id"],) if sensitive else ()), ent, *seconds)
     console.print(table)
     if sensitive:

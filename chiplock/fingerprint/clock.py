@@ -29,6 +29,7 @@ Binding a key to one unit needs the SRAM or TPM source or a vendor secret.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -41,16 +42,15 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from chiplock.errors import ChiplockError, ContainerError, FingerprintError
 from chiplock.fingerprint.base import Enrollment, FingerprintSource, register_source
 from chiplock.fingerprint.entropy import assess
 from chiplock.keys.fuzzy import CodeParams, FuzzyExtractor
-from chiplock.keys.kdf import KdfParams
+from chiplock.keys.kdf import KdfParams, MasterKDF
 
 CLOCK_VERSION = 2
 #: Helper versions :meth:`ClockSource.reproduce` still reads (version 1 has no check value).
@@ -224,8 +224,7 @@ def check_value(material: bytes, params: KdfParams, bits: int = CHECK_BITS) -> b
     """
     if not 1 <= bits <= 16:
         raise ValueError(f"bits must be in 1..16 (a longer check would confirm guesses), got {bits}")
-    digest = Argon2id(salt=params.salt, length=32, iterations=params.iterations, lanes=params.lanes,
-                      memory_cost=params.memory_kib).derive(_CHECK_DOMAIN + material)
+    digest = MasterKDF(params=params).derive(_CHECK_DOMAIN + material)
     return (int.from_bytes(digest[:2], "big") >> (16 - bits)).to_bytes(2, "big")
 
 
@@ -547,19 +546,25 @@ except FingerprintError as exc:
 _BUSY = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
 
 
-def _run_variant(variant: Variant, helper_path: Path, timeout: float) -> dict[str, str]:
-    busy = None
-    if variant.busy_cpu is not None:
-        busy = subprocess.Popen([sys.executable, "-c", _BUSY, str(variant.busy_cpu)])
+@contextlib.contextmanager
+def busy_cpu(cpu: int | None) -> Iterator[None]:
+    """Keep CPU ``cpu`` busy with a spinning process for the duration of the block (``None``: do nothing)."""
+    busy = None if cpu is None else subprocess.Popen([sys.executable, "-c", _BUSY, str(cpu)])
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(helper_path), json.dumps(variant.cpus or [])],
-                              capture_output=True, text=True, timeout=timeout, env={**os.environ, **variant.env})
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:g} s"}
+        yield
     finally:
         if busy is not None:
             busy.kill()
             busy.wait()
+
+
+def _run_variant(variant: Variant, helper_path: Path, timeout: float) -> dict[str, str]:
+    try:
+        with busy_cpu(variant.busy_cpu):
+            proc = subprocess.run([sys.executable, "-c", _CHILD, str(helper_path), json.dumps(variant.cpus or [])],
+                                  capture_output=True, text=True, timeout=timeout, env={**os.environ, **variant.env})
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -54,18 +54,32 @@ class SourceReport:
     labels: list[str] = field(default_factory=list, repr=False)
 
 
+def _trials(trials: int, tick: Callable[[], None], measure: Callable[[], Any], material: Callable[[Any], bytes],
+            expected: bytes) -> tuple[int, list[float], list[Any]]:
+    """Time ``measure()`` ``trials`` times; count the readings whose ``material(reading)`` is ``expected``.
+
+    A :class:`FingerprintError` from ``material`` counts as a failed reproduction. Returns (reproduced, seconds
+    per measurement, readings).
+    """
+    ok, secs, readings = 0, [], []
+    for _ in range(trials):
+        start = time.perf_counter()
+        reading = measure()
+        secs.append(time.perf_counter() - start)
+        readings.append(reading)
+        try:
+            ok += hmac.compare_digest(material(reading), expected)
+        except FingerprintError:
+            pass
+        tick()
+    return ok, secs, readings
+
+
 def _precision_trials(src: Any, enrollment: Any, trials: int, tick: Callable[[], None]) -> tuple:
     from chiplock.fingerprint.precision import _combine, probe_digests
 
     device = enrollment.helper.get("device", "cpu")
-    rows, ok, secs = [], 0, []
-    for _ in range(trials):
-        start = time.perf_counter()
-        digests = probe_digests(device)
-        secs.append(time.perf_counter() - start)
-        ok += hmac.compare_digest(_combine(digests), enrollment.material)
-        rows.append(digests)
-        tick()
+    ok, secs, rows = _trials(trials, tick, lambda: probe_digests(device), _combine, enrollment.material)
     names = sorted(rows[0])
     flips = [float(np.mean([r[n] != rows[0][n] for r in rows])) for n in names]
     return ok, secs, np.asarray(flips), names
@@ -73,15 +87,13 @@ def _precision_trials(src: Any, enrollment: Any, trials: int, tick: Callable[[],
 
 def _reproduce_trials(src: Any, enrollment: Any, trials: int, tick: Callable[[], None]) -> tuple:
     """Sources without raw bits or probes (``tpm``): reproduce through the public helper, as unlock does."""
-    ok, secs = 0, []
-    for _ in range(trials):
-        start = time.perf_counter()
+    def reproduce() -> bytes:  # Timed as a whole: for these sources reproduce is the measurement.
         try:
-            ok += hmac.compare_digest(src.reproduce(enrollment.helper), enrollment.material)
+            return src.reproduce(enrollment.helper)
         except FingerprintError:
-            pass
-        secs.append(time.perf_counter() - start)
-        tick()
+            return b""  # Never the enrolled material: counts as a failed reproduction.
+
+    ok, secs, _ = _trials(trials, tick, reproduce, lambda material: material, enrollment.material)
     return ok, secs, np.asarray([1.0 - ok / trials]), ["material"]
 
 
@@ -90,17 +102,8 @@ def _bit_trials(src: Any, enrollment: Any, trials: int, tick: Callable[[], None]
 
     fuzzy = enrollment.helper["fuzzy"]
     fe = FuzzyExtractor.from_helper(fuzzy)
-    readings, ok, secs = [], 0, []
-    for _ in range(trials):
-        start = time.perf_counter()
-        bits = src.raw_bits(enrollment.helper)
-        secs.append(time.perf_counter() - start)
-        readings.append(bits)
-        try:
-            ok += hmac.compare_digest(fe.reproduce(bits, fuzzy), enrollment.material)
-        except FingerprintError:
-            pass
-        tick()
+    ok, secs, readings = _trials(trials, tick, lambda: src.raw_bits(enrollment.helper),
+                                 lambda bits: fe.reproduce(bits, fuzzy), enrollment.material)
     r = np.vstack(readings)
     majority = (r.mean(axis=0) >= 0.5).astype(np.uint8)
     return ok, secs, bit_error_rates(majority, r), []

@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from chiplock._json import is_int as _is_int
+from chiplock._json import show as _show
 from chiplock.errors import AlreadyFinalized, ContainerError, InvalidKey, UnsupportedConfig
 
 KEY_LEN = 32
@@ -60,10 +62,6 @@ def max_memory_kib() -> int:
 def _damaged(why: str) -> ContainerError:
     return ContainerError(f"the file's key-derivation parameters are malformed ({why}); the file is damaged: "
                           "obtain a fresh copy")
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -169,11 +167,6 @@ def max_memory_kib_checked(value: int | None) -> int:
 
 def _mib(kib: int) -> str:
     return f"{kib / 1024:g} MiB"
-
-
-def _show(x: object) -> str:
-    r = repr(x)
-    return r if len(r) <= 40 else r[:37] + "..."
 
 
 #: Fast parameters for tests and examples only: they make guessing cheap.

@@ -159,30 +159,38 @@ def from_order_key_into(u, out_bits, kind, w):
             out_bits[i] = x
 
 
-@njit(cache=True, nogil=True)
-def _hit(g, u, strict, cs, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch, scratch_bits):
-    d = _decode_one(cs + (np.uint64(g) << q), mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0,
-                    scratch, scratch_bits)
-    return d > u if strict else d >= u
+@njit(cache=True, nogil=True, inline="always")
+def _hit(g, u, vu, strict, k, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch, scratch_bits):
+    """Whether lattice point ``g`` of interval ``k`` decodes to >= ``u`` (> when strict). Given ``vu``, the
+    non-zero float32 value of key ``u``, compares the value the decoder rounds to with ``vu`` before the clamp
+    instead: for non-zero ``vu`` value order is key order, whatever the sign of zero. ``vu`` is None or a
+    float32, so each caller's branch is chosen at compile time."""
+    if vu is None:
+        d = _decode_one(np.uint64(ints[k, 0]) + (np.uint64(g) << q), mc, esc_lo, shift, q, table, ints, floats,
+                        fmt, w, u0, scratch, scratch_bits)
+        return d > u if strict else d >= u
+    y = np.float32(floats[k, 3] + np.float64(g) * floats[k, 4])
+    return y > vu if strict else y >= vu
 
 
 @njit(cache=True, nogil=True)
-def _first(u, strict, k, est, nf, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch, scratch_bits):
+def _first(u, vu, strict, k, est, nf, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch, scratch_bits):
     """First lattice point ``f`` in ``[0, nf[k]]`` of interval ``k`` whose decode is >= ``u`` (> when strict);
     ``nf[k]`` (past the end) when none. Gallops out from the estimate ``est``, then bisects: decode is
-    monotone in ``f``, so the answer is exact whatever the estimate."""
+    monotone in ``f``, so the answer is exact whatever the estimate. ``vu`` (float32 only: the non-zero value of
+    ``u``, which is not ``U_k`` (non-strict) or ``U_k+1`` (strict), so the clamp changes no comparison) compares
+    values without building keys (see :func:`_hit`); pass None otherwise."""
     n = nf[k]
-    cs = np.uint64(ints[k, 0])
     f = min(max(est, 0), n - 1)
     step = 1
-    if _hit(f, u, strict, cs, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch, scratch_bits):
+    if _hit(f, u, vu, strict, k, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch, scratch_bits):
         hi = f
         lo = -1
         while True:
             probe = hi - step
             if probe < 0:
                 break
-            if not _hit(probe, u, strict, cs, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch,
+            if not _hit(probe, u, vu, strict, k, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch,
                         scratch_bits):
                 lo = probe
                 break
@@ -195,7 +203,7 @@ def _first(u, strict, k, est, nf, mc, esc_lo, shift, q, table, ints, floats, fmt
             probe = lo + step
             if probe >= n:
                 break
-            if _hit(probe, u, strict, cs, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch,
+            if _hit(probe, u, vu, strict, k, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch,
                     scratch_bits):
                 hi = probe
                 break
@@ -203,54 +211,8 @@ def _first(u, strict, k, est, nf, mc, esc_lo, shift, q, table, ints, floats, fmt
             step *= 2
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2
-        if _hit(mid, u, strict, cs, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch, scratch_bits):
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _above_f32(g, vu, strict, k, q, floats):
-    """Whether the float32 the decoder rounds lattice point ``g`` of interval ``k`` to is >= ``vu`` (> when
-    strict), before the clamp; for non-zero ``vu`` value order is key order, whatever the sign of zero."""
-    y = np.float32(floats[k, 3] + np.float64(g) * floats[k, 4])
-    return y > vu if strict else y >= vu
-
-
-@njit(cache=True, nogil=True)
-def _first_f32(vu, strict, k, est, n, q, floats):
-    """:func:`_first` for float32 and a non-zero value ``vu`` that is not ``U_k`` (non-strict) or ``U_k+1``
-    (strict): the clamp then changes no comparison, so values are compared without building keys."""
-    f = min(max(est, 0), n - 1)
-    step = 1
-    if _above_f32(f, vu, strict, k, q, floats):
-        hi = f
-        lo = -1
-        while True:
-            probe = hi - step
-            if probe < 0:
-                break
-            if not _above_f32(probe, vu, strict, k, q, floats):
-                lo = probe
-                break
-            hi = probe
-            step *= 2
-    else:
-        lo = f
-        hi = n
-        while True:
-            probe = lo + step
-            if probe >= n:
-                break
-            if _above_f32(probe, vu, strict, k, q, floats):
-                hi = probe
-                break
-            lo = probe
-            step *= 2
-    while hi - lo > 1:
-        mid = lo + (hi - lo) // 2
-        if _above_f32(mid, vu, strict, k, q, floats):
+        if _hit(mid, u, vu, strict, k, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0, scratch,
+                scratch_bits):
             hi = mid
         else:
             lo = mid
@@ -387,14 +349,17 @@ def preimage_keys_into(u, x_lo, x_hi, lo_out, cnt_out, top_nz, bot_nz, nz, jump,
         eb = _estimate(xh, floats, kb)
         if fmt == FMT_F32 and own_seeds and v[1] != 0:
             # The clamp into [U_k, U_k+1] decides only where u is a bound (every point decodes to >= U_k, none
-            # to > U_k+1); elsewhere the rounded values are compared with u's value (see _first_f32).
+            # to > U_k+1); elsewhere the rounded values are compared with u's value (see _hit).
             vu = np.float32(v[1])
-            fa = 0 if np.uint64(ints[ka, 1]) == ui else _first_f32(vu, False, ka, ea, nf[ka], q, floats)
-            fb = nf[kb] if np.uint64(ints[kb, 2]) <= ui else _first_f32(vu, True, kb, eb, nf[kb], q, floats)
+            fa = 0 if np.uint64(ints[ka, 1]) == ui else _first(ui, vu, False, ka, ea, nf, mc, esc_lo, shift, q,
+                                                               table, ints, floats, fmt, w, u0, scratch, scratch_bits)
+            fb = nf[kb] if np.uint64(ints[kb, 2]) <= ui else _first(ui, vu, True, kb, eb, nf, mc, esc_lo, shift, q,
+                                                                    table, ints, floats, fmt, w, u0, scratch,
+                                                                    scratch_bits)
         else:
-            fa = _first(ui, False, ka, ea, nf, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0,
+            fa = _first(ui, None, False, ka, ea, nf, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0,
                         scratch, scratch_bits)
-            fb = _first(ui, True, kb, eb, nf, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0,
+            fb = _first(ui, None, True, kb, eb, nf, mc, esc_lo, shift, q, table, ints, floats, fmt, w, u0,
                         scratch, scratch_bits)
         lo = min(np.uint64(ints[ka, 0]) + (np.uint64(fa) << q), np.uint64(ce[ka]))
         hi = min(np.uint64(ints[kb, 0]) + (np.uint64(fb) << q), np.uint64(ce[kb]))

@@ -288,24 +288,12 @@ class _Codec:
         if self.fmt in (_kernel.FMT_F32, _kernel.FMT_INT):
             x_lo = x_hi = np.empty(0)  # the kernel computes its own search seeds
         else:
-            x_lo, x_hi = self._cell(u)
+            x_lo, x_hi = _cells(u, self.dtype)  # float kinds only (integers are FMT_INT)
         lo = np.empty(u.size, np.uint64)
         cnt = np.empty(u.size, np.uint64)
         _kernel.preimage_keys_into(u, x_lo, x_hi, lo, cnt, self._top_nz, self._bot_nz, self.nonempty, self._jump,
                                    self._jb, self.nf, self.ce, *self._args)
         return lo, cnt
-
-    def _cell(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate positions where the rounding cell of each key begins and ends (search seeds only)."""
-        if self.kind != "float":
-            x = self._pos(u)
-            return x - 0.5, x + 0.5
-        top = np.uint64((1 << self.w) - 1)
-        with np.errstate(invalid="ignore", over="ignore"):
-            x = self._pos(u)
-            below = self._pos(np.where(u > 0, u - np.uint64(1), u))
-            above = self._pos(np.where(u < top, u + np.uint64(1), u))
-            return 0.5 * (x + below), 0.5 * (x + above)
 
     def escape_code(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Whether each key has an escape code, and that code."""

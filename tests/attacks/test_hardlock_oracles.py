@@ -79,28 +79,19 @@ def test_sample_sizes_hold_a_fair_statistic_below_the_thresholds():
     assert WRONG_KEYS >= 200 and N_KS >= 200
 
 
+#: oracle -> (what it checks, its per_key, right-key and wrong-key instances wanted)
+ORACLES = {"oracle1": ("canonical codes", oracle1_per_key(), N_ORACLE),
+           "oracle1b": ("code ranks", oracle1b_per_key(ORACLE1B_CODES), N_ORACLE),
+           "oracle2": ("breakpoint hits", oracle2_per_key(ORACLE2_WINDOW), N_ORACLE2)}
+
+
+@pytest.mark.parametrize("oracle", list(ORACLES))
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_oracle1_canonical_codes_do_not_tell_the_key(real_locks, dtype):
-    locks = real_locks(dtype)
-    a, pos, neg = _oracle_auc(locks, oracle1_per_key(), N_ORACLE)
-    assert pos.size >= N_ORACLE and neg.size >= N_ORACLE
-    assert a <= ORACLE_MAX, f"oracle 1 (canonical codes) tells right from wrong keys, {dtype}: {_summary(a, pos, neg)}"
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES))
-def test_oracle1b_code_ranks_do_not_tell_the_key(real_locks, dtype):
-    locks = real_locks(dtype)
-    a, pos, neg = _oracle_auc(locks, oracle1b_per_key(ORACLE1B_CODES), N_ORACLE)
-    assert pos.size >= N_ORACLE and neg.size >= N_ORACLE
-    assert a <= ORACLE_MAX, f"oracle 1b (code ranks) tells right from wrong keys, {dtype}: {_summary(a, pos, neg)}"
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES))
-def test_oracle2_breakpoint_hits_do_not_tell_the_key(real_locks, dtype):
-    locks = real_locks(dtype)
-    a, pos, neg = _oracle_auc(locks, oracle2_per_key(ORACLE2_WINDOW), N_ORACLE2)
-    assert pos.size >= N_ORACLE2 and neg.size >= N_ORACLE2
-    assert a <= ORACLE_MAX, f"oracle 2 (breakpoint hits) tells right from wrong keys, {dtype}: {_summary(a, pos, neg)}"
+def test_oracle_does_not_tell_the_key(real_locks, dtype, oracle):
+    what, per_key, n = ORACLES[oracle]
+    a, pos, neg = _oracle_auc(real_locks(dtype), per_key, n)
+    assert pos.size >= n and neg.size >= n
+    assert a <= ORACLE_MAX, f"{oracle} ({what}) tells right from wrong keys, {dtype}: {_summary(a, pos, neg)}"
 
 
 @pytest.fixture(scope="module")
@@ -147,32 +138,20 @@ def test_reconstructed_model_fits_wrong_key_samples(real_locks):
 
 # Teeth: the same attack code against a weak, v1-style encoder must reach AUC >= 0.95.
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-def test_oracle1_breaks_a_canonical_encoder(trained_weights, attacked_name, weak_lock, dtype):
+#: oracle -> (the weakness it must catch, the elements one instance reads)
+WEAKNESSES = {"oracle1": ("a canonical encoder", 16), "oracle1b": ("a canonical encoder", ORACLE1B_CODES),
+              "oracle2": ("exact-quantile breakpoints", ORACLE2_WINDOW)}
+
+
+@pytest.mark.parametrize("oracle, dtype", [*[("oracle1", d) for d in DTYPES], ("oracle1b", "fp32"),
+                                           ("oracle1b", "int8"), ("oracle2", "fp32")])
+def test_oracle_breaks_a_weak_encoder(trained_weights, attacked_name, weak_lock, oracle, dtype):
+    weakness, window = WEAKNESSES[oracle]
     w = as_dtype(trained_weights[attacked_name], DTYPES[dtype])
-    locks = [(weak_lock(w, k := os.urandom(32)), k) for _ in range(_n_locks(w.numel(), 16, 64, 256))]
-    pos, neg = right_wrong_samples(locks, oracle1_per_key(), n_pos=256, n_wrong_keys=WRONG_KEYS)
+    locks = [(weak_lock(w, k := os.urandom(32)), k) for _ in range(_n_locks(w.numel(), window, 64, 256))]
+    pos, neg = right_wrong_samples(locks, ORACLES[oracle][1], n_pos=256, n_wrong_keys=WRONG_KEYS)
     a = auc(pos, neg)
-    assert a >= TEETH_MIN, f"oracle 1 misses a canonical encoder, {dtype}: {_summary(a, pos, neg)}"
-
-
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
-def test_oracle1b_breaks_a_canonical_encoder(trained_weights, attacked_name, weak_lock, dtype):
-    w = as_dtype(trained_weights[attacked_name], DTYPES[dtype])
-    locks = [(weak_lock(w, k := os.urandom(32)), k)
-             for _ in range(_n_locks(w.numel(), ORACLE1B_CODES, 64, 256))]
-    pos, neg = right_wrong_samples(locks, oracle1b_per_key(ORACLE1B_CODES), n_pos=256, n_wrong_keys=WRONG_KEYS)
-    a = auc(pos, neg)
-    assert a >= TEETH_MIN, f"oracle 1b misses a canonical encoder, {dtype}: {_summary(a, pos, neg)}"
-
-
-def test_oracle2_breaks_exact_quantile_breakpoints(trained_weights, attacked_name, weak_lock):
-    w = trained_weights[attacked_name]
-    n_locks = _n_locks(w.numel(), ORACLE2_WINDOW, 64, 256)
-    locks = [(weak_lock(w, k := os.urandom(32)), k) for _ in range(n_locks)]
-    pos, neg = right_wrong_samples(locks, oracle2_per_key(ORACLE2_WINDOW), n_pos=256, n_wrong_keys=WRONG_KEYS)
-    a = auc(pos, neg)
-    assert a >= TEETH_MIN, f"oracle 2 misses exact-quantile breakpoints: {_summary(a, pos, neg)}"
+    assert a >= TEETH_MIN, f"{oracle} misses {weakness}, {dtype}: {_summary(a, pos, neg)}"
 
 
 def test_ks_fit_breaks_an_overfitted_model(ks_weight, weak_lock):

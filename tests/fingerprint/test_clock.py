@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import chiplock.fingerprint.clock as clock
+import chiplock.keys.kdf as kdf
 from chiplock.errors import FingerprintError
 from chiplock.fingerprint import get_source
-from chiplock.fingerprint.clock import (CHECK_COST, CROSS_MACHINE_BITS, ClockSource, CrossMachineResult, Variant,
+from chiplock.fingerprint.clock import (CHECK_COST, CROSS_MACHINE_BITS, ClockSource, Variant,
                                         check_value, cross_machine_test, gray, profile_from_timings, quantise)
 from chiplock.keys.fuzzy import FuzzyExtractor
 from chiplock.keys.kdf import INSECURE_FAST, KdfParams
@@ -160,7 +161,7 @@ def _miscorrecting_profile(dev, e):
 
 
 class CountingArgon2id:
-    """Wraps cryptography's Argon2id and records every derivation's cost parameters."""
+    """Wraps cryptography's Argon2id (as the check's MasterKDF calls it) and records every derivation's cost."""
 
     calls = []
 
@@ -172,14 +173,14 @@ class CountingArgon2id:
         return clock_argon2id(**self.kw).derive(data)
 
 
-clock_argon2id = clock.Argon2id
+clock_argon2id = kdf.Argon2id
 
 
 def test_wrong_decode_is_detected_by_the_check_and_measured_again(monkeypatch):
     dev = FakeDevice(6, noise=0.0)
     e = fake_source(dev, sigma_floor=0.05).enroll()
     wrong = _miscorrecting_profile(dev, e)
-    monkeypatch.setattr(clock, "Argon2id", CountingArgon2id)
+    monkeypatch.setattr(kdf, "Argon2id", CountingArgon2id)
     CountingArgon2id.calls = []
     # The first measurement (3 profiles) decodes to a wrong key without a BCH error; the check rejects it and the
     # second measurement (median of its own profiles, and of all six) gives the enrolled key.
@@ -201,7 +202,7 @@ def test_the_check_costs_an_argon2id_with_the_stored_parameters(monkeypatch):
     assert (c["iterations"], c["lanes"], c["memory_kib"], c["bits"]) == (
         CHECK_COST["iterations"], CHECK_COST["lanes"], CHECK_COST["memory_kib"], 16)
     assert CHECK_COST["memory_kib"] >= 64 * 1024 and len(bytes.fromhex(c["value"])) == 2
-    monkeypatch.setattr(clock, "Argon2id", CountingArgon2id)
+    monkeypatch.setattr(kdf, "Argon2id", CountingArgon2id)
     CountingArgon2id.calls = []
     assert ClockSource(measure=dev).reproduce(e.helper) == e.material
     assert CountingArgon2id.calls == [{"salt": bytes.fromhex(c["salt"]), "length": 32, "iterations": c["iterations"],

@@ -1,6 +1,5 @@
 """The new sources through the public verbs: enroll -> lock -> unlock on this device, and on another."""
 
-import warnings
 
 import pytest
 import torch

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from chiplock.fingerprint.configurations import CLEARED
+
 
 PROBE = ("import torch\n"
          "from chiplock.fingerprint.precision import PrecisionSource\n"
@@ -18,12 +20,10 @@ VARIANTS = {
     "ONEDNN_MAX_CPU_ISA=SSE41": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
     "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
 }
-_CLEAR = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS",
-          "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def _measure(extra: dict[str, str]) -> tuple[str, int]:
-    env = {k: v for k, v in os.environ.items() if k not in _CLEAR}
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
     env["OMP_NUM_THREADS"] = "2"  # the default configuration of the 2-core target
     env.update(extra)
     res = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
