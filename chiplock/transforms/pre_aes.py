@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from chiplock.container.format import NUMPY_CODE_NAMES, STORED_DTYPES
+from chiplock._dtypes import NUMPY_CODE_NAMES, STORED_DTYPES
 from chiplock.errors import ContainerError
 from chiplock.transforms import _pre_aes_kernel as _kernel
 from chiplock.transforms.base import (DTYPES, Encoded, Transform, aes_ctr_into, empty_raw, parallel_for,
