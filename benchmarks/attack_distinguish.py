@@ -42,7 +42,7 @@ ORACLE2_WINDOW = 512
 
 
 def _weights() -> dict[str, torch.Tensor]:
-    from chiplock.models.digit_cnn import load_pretrained
+    from chiplock_demo.models.digit_cnn import load_pretrained
 
     model = load_pretrained()
     if model is None:

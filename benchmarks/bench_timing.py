@@ -24,9 +24,11 @@ from blake3 import blake3
 from safetensors.torch import load_file
 
 import chiplock
-from chiplock.container.format import map_tensors, tree_digest
+from chiplock._digest import tree_digest
+from chiplock.container.reader import open_container
 from chiplock.fingerprint import get_source
 from chiplock.keys import KdfParams, MasterKDF, assemble_material, subkey
+from chiplock.license import License, open_license
 from chiplock.transforms import DTYPE_BY_NAME, get_transform
 from chiplock.transforms.base import DTYPES, aes_ctr_into, aes_ctr_parallel
 
@@ -176,10 +178,27 @@ def fixed_costs(profile: chiplock.DeviceProfile, repeat: int) -> dict[str, Any]:
     }
 
 
+class _Stored:
+    """One tensor's stored bytes, mapped for the whole run (a diagnostic: unlock maps one tensor at a time)."""
+
+    def __init__(self, name: str, data: np.ndarray) -> None:
+        self.name, self.data = name, data
+
+
+def map_tensors(path: str) -> tuple[dict[str, Any], list[_Stored]]:
+    """The container's metadata (as JSON) and every tensor's stored bytes, mapped read-only."""
+    c = open_container(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    meta = c.meta.to_json()
+    meta["transform"] = next(iter(c.meta.groups.values())).transform
+    return meta, [_Stored(e.name, mm[c.data_start + e.begin:c.data_start + e.end]) for e in c.entries]
+
+
 def _keys(meta: dict[str, Any], profile: chiplock.DeviceProfile, tf_name: str) -> dict[str, bytes]:
-    # The same derivation as chiplock.unlock, through the public keys layer.
-    master = MasterKDF(params=KdfParams.from_json(meta["kdf"])).derive(assemble_material(profile.materials()))
-    return {name: subkey(master, f"tensor/{tf_name}", name) for name in meta["tensors"]}
+    # The same derivation as chiplock.unlock: open the embedded licence, then per-tensor sub-keys.
+    groups = open_license(License.from_json(meta["license"]), content_id=bytes.fromhex(meta["content_id"]),
+                          transforms={k: g["transform"] for k, g in meta["groups"].items()}, profile=profile)
+    return {name: subkey(groups[t["group"]], f"tensor/{tf_name}", name) for name, t in meta["tensors"].items()}
 
 
 def _touch(stored: list) -> int:
@@ -220,7 +239,7 @@ def stages(path: str, profile: chiplock.DeviceProfile, repeat: int) -> dict[str,
 
     def aes_all() -> None:
         for st in stored:
-            nonce = bytes.fromhex(meta["tensors"][st.name]["params"]["nonce"])
+            nonce = bytes.fromhex(meta["tensors"][st.name]["params"]["nonce"]).ljust(16, b"\0")  # aes: 8-byte prefix
             aes_ctr_parallel(keys[st.name], nonce, st.data, scratch[:st.data.nbytes])
 
     work: dict[str, Callable[[], Any]] = {

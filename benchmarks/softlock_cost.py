@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from chiplock.models import resnet18
+from chiplock_demo.models import resnet18
 from chiplock.softlock import apply_config
 from chiplock.softlock.levers import apply_levers, plan_levers
 from chiplock.softlock.train import LockPair, lock_loss
@@ -30,7 +30,7 @@ PAIRS = [("fp32", "e4m3fn"), ("fp16", "int8"), ("e6m9", "int8"), ("int8", "e4m3f
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="bench/softlock")
+    p.add_argument("--out", default="bench/results/softlock")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)

@@ -3,7 +3,7 @@
 Writes ``<out>/softlock_targets.json`` and ``<out>/softlock_targets.md`` (and the pretrained original model).
 Not collected by pytest. Example (about an hour on a 2-core CPU at width 16):
 
-    .venv/bin/python benchmarks/softlock_targets.py --out bench/softlock --width 16 --epochs 3
+    .venv/bin/python benchmarks/softlock_targets.py --out bench/results/softlock --width 16 --epochs 3
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from chiplock.data import load_mnist5000
+from chiplock_demo.data import load_mnist5000
 from chiplock.softlock import parse_config
 from chiplock.softlock.config import SoftLockConfig
-from chiplock.softlock.model_io import build_model, load_model, save_model
+from chiplock.softlock.model_io import build_architecture, load_model, save_model
 from chiplock.softlock.train import evaluate_configs, lock_train
-from chiplock.training import train_classifier
+from chiplock_demo.training import train_classifier
 
 PAIRS = [  # (authorized, unauthorized, mode, label)
     ("fp32", "e4m3fn", "quantization", "FP32 -> 8-bit MiniFloat (E4M3FN)"),
@@ -40,7 +40,7 @@ PAIRS = [  # (authorized, unauthorized, mode, label)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="bench/softlock")
+    p.add_argument("--out", default="bench/results/softlock")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         original, _ = load_model(orig_path)
     else:
         torch.manual_seed(args.seed)
-        original = build_model("resnet18", width=args.width)
+        original = build_architecture("resnet18", width=args.width)
         t = time.perf_counter()
         train_classifier(original, data.x_train, data.y_train, epochs=args.pretrain_epochs, batch_size=64,
                          seed=args.seed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from blake3 import blake3
 
-from chiplock._pool import CHUNK_BYTES, POOL
+from chiplock._pool import CHUNK_BYTES, POOL, release_mapped
 
 TREE_CHUNK = CHUNK_BYTES
 
@@ -35,5 +35,10 @@ def tree_digest(data: np.ndarray) -> str:
     and integrity checking reads every stored byte on each unlock.
     """
     flat = data.reshape(-1).view(np.uint8)
-    return tree_root(list(POOL.map(lambda s: leaf_digest(flat[s:s + TREE_CHUNK]),
-                                   range(0, flat.nbytes, TREE_CHUNK))))
+
+    def leaf(s: int) -> bytes:
+        out = leaf_digest(flat[s:s + TREE_CHUNK])
+        release_mapped(flat[s:s + TREE_CHUNK])  # A mapped file's pages leave resident memory once hashed.
+        return out
+
+    return tree_root(list(POOL.map(leaf, range(0, flat.nbytes, TREE_CHUNK))))

@@ -307,7 +307,7 @@ def _open_unnamed(dfd: int) -> int | None:
     if not USE_O_TMPFILE:
         return None
     try:
-        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dfd)
     except OSError as exc:
         # EOPNOTSUPP: the file system lacks it; EISDIR/EINVAL: the kernel predates it.
         if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
@@ -410,7 +410,7 @@ def atomic_writer(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[IO[
 
 def _fallback_write(folder: str, name: str, text: str, mode: int) -> Iterator[IO[bytes]]:
     part = os.path.join(folder, _hidden_name(name))
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
                  | getattr(os, "O_CLOEXEC", 0), 0o600)
     _live_parts.add(part)
     try:

@@ -1,69 +1,79 @@
-"""The safe verbs: lock, unlock, inspect."""
+"""The safe verbs: lock, unlock (whole, streamed, into a model or a file), inspect.
+
+Locking draws a random content key per group of tensors and encodes each tensor under it, one tensor at a time;
+a *licence* carries the content keys to one device (:mod:`chiplock.license`). With a device profile the licence
+goes inside the file (the single-file mode); without one the content keys go to a private keys file, and
+``chiplock license issue`` makes a small licence per device later.
+"""
 
 from __future__ import annotations
 
 import hmac
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import numpy as np
 import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 import chiplock
+from chiplock._digest import tree_digest, tree_root
+from chiplock._dtypes import DTYPE_BY_NAME, DTYPE_NAMES
 from chiplock._io import atomic_writer, check_output
-from chiplock.container.format import (FORMAT_NAME, FORMAT_VERSION, build_header, canonical,
-                                       header_digest, map_tensors, read_header, tensor_name_problem, tree_digest,
-                                       tree_root)
-from chiplock.errors import ContainerError, InvalidKey, InvalidTag, ProfileError, UnsupportedConfig, WeakKey
-from chiplock.fingerprint import get_source
-from chiplock.keys.combine import MIN_ENTROPY_BITS, key_strength
-from chiplock.keys.kdf import ARGON2_MAX_MEMORY_KIB, KdfParams, MasterKDF, assemble_material, subkey
+from chiplock.config import DEFAULT_GROUP, LockConfig
+from chiplock.container.plain import read_plain, write_plain
+from chiplock.container.reader import Container, open_container
+from chiplock.container.schema import Group, Metadata, TensorInfo, tensor_name_problem
+from chiplock.container.writer import ContainerWriter, Planned
+from chiplock.errors import ContainerError, InvalidTag, KeyFileError, ProfileError, UnsupportedConfig
+from chiplock.keys.kdf import KdfParams, subkey
+from chiplock.license import (ContentKeys, License, LowEntropyWarning, check_key_strength, issue_license,
+                              open_license)
 from chiplock.profile import DeviceProfile
-from chiplock.transforms import DTYPE_BY_NAME, DTYPE_NAMES, get_transform
+from chiplock.transforms import get_transform
 
 Progress = Callable[[str, int, int], None]
-_CHECK_LABEL = b"chiplock key check v1"
-_HEADER_LABEL = b"chiplock header mac v1\0"
-#: A vendor secret shorter than this does not count as one (it could be guessed alongside the fingerprint).
-MIN_SECRET_BYTES = 16
+_HEADER_LABEL = b"chiplock header mac v3\0"
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
 
 
-class LowEntropyWarning(UserWarning):
-    """The key rests on fewer than 64 estimated bits (or an unknown amount) and no vendor secret."""
+# ----------------------------------------------------------------------------------------------------------------
+# Sources of weights: a mapping, one file, or a sharded folder.
+
+@dataclass
+class _Source:
+    """The tensors to lock, known by name, dtype and shape before any is read."""
+
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
 
 
-def load_weights(weights: Mapping[str, torch.Tensor] | str | os.PathLike, *,
-                 transform: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a mapping of name -> tensor from a mapping, ``.safetensors``, or ``.pt``/``.bin`` state dict.
+def _is_folder_source(weights: object) -> bool:
+    if not isinstance(weights, (str, os.PathLike)):
+        return False
+    p = Path(weights)
+    return p.is_dir() or p.name.endswith(".index.json")
 
-    Every name and tensor is checked here, before anything is written: a name must be fit for a container
-    (see :func:`chiplock.container.format.tensor_name_problem`), a tensor dense and of a supported dtype, and
-    with ``transform`` (a transform name) of a dtype that transform can store.
 
-    Raises:
-        ContainerError: The file is missing or unreadable.
-        UnsupportedConfig: The content is not a flat mapping of names to tensors of a supported dtype, a name
-            is unfit (empty, ``__metadata__``, NUL, lone surrogate, too long), or ``transform`` cannot take a
-            tensor's dtype.
-    """
+def _source(weights: Mapping[str, torch.Tensor] | str | os.PathLike) -> _Source:
     if isinstance(weights, (str, os.PathLike)):
         path = Path(weights)
         if not path.is_file():
             raise ContainerError(f"weights file {str(path)!r} not found; check the path")
+        if path.suffix == ".safetensors":
+            plain = read_plain(path)
+            for e in plain.entries:
+                if e.dtype not in DTYPE_BY_NAME:
+                    raise UnsupportedConfig(f"tensor {e.name!r} has unsupported dtype {e.dtype}; convert it to one "
+                                            f"of {', '.join(sorted(DTYPE_NAMES.values()))}")
+            return _Source([(e.name, DTYPE_BY_NAME[e.dtype], e.shape) for e in plain.entries], plain.__iter__)
+        if path.suffix not in _WEIGHT_SUFFIXES:
+            raise UnsupportedConfig(f"unknown weights format {path.suffix!r}; use .safetensors, .pt or .bin")
         try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-                weights = load_file(str(path))
-            elif path.suffix in (".pt", ".pth", ".bin"):
-                weights = torch.load(path, map_location="cpu", weights_only=True)
-            else:
-                raise UnsupportedConfig(f"unknown weights format {path.suffix!r}; use .safetensors, .pt or .bin")
-        except UnsupportedConfig:
-            raise
+            weights = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any parse failure of the user's file becomes one clear error.
             raise ContainerError(f"could not read weights from {str(path)!r} ({type(exc).__name__}); "
                                  "pass a safetensors file or a torch state dict saved with torch.save") from None
@@ -71,310 +81,573 @@ def load_weights(weights: Mapping[str, torch.Tensor] | str | os.PathLike, *,
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
         raise UnsupportedConfig("weights must be a mapping of str -> torch.Tensor (a state dict); "
                                 "for a model pass model.state_dict()")
-    tf = get_transform(transform) if transform is not None else None
-    for name, t in weights.items():
+    tensors = dict(weights)
+    for name, t in tensors.items():
+        if t.layout != torch.strided or t.is_meta:
+            raise UnsupportedConfig(f"tensor {name!r} is not a dense tensor in memory ({t.layout}, device "
+                                    f"{t.device}); convert it with .to_dense() / load its data before locking")
+    return _Source([(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], lambda: iter(tensors.items()))
+
+
+def _plan(source: _Source, config: LockConfig) -> list[Planned]:
+    """Check every name and dtype against the transforms and lay out the stored entries, before any write."""
+    plan = []
+    for name, dtype, shape in source.specs:
         problem = tensor_name_problem(name)
         if problem:
             raise UnsupportedConfig(f"tensor name {ascii(name)[:80]} {problem}; rename the tensor in the state dict "
                                     "before locking (and in the model that loads it)")
-        if t.layout != torch.strided or t.is_meta:
-            raise UnsupportedConfig(f"tensor {name!r} is not a dense tensor in memory ({t.layout}, device "
-                                    f"{t.device}); convert it with .to_dense() / load its data before locking")
-        if t.dtype not in DTYPE_NAMES:
-            raise UnsupportedConfig(f"tensor {name!r} has unsupported dtype {t.dtype}; convert it to one of "
+        if dtype not in DTYPE_NAMES:
+            raise UnsupportedConfig(f"tensor {name!r} has unsupported dtype {dtype}; convert it to one of "
                                     f"{', '.join(sorted(DTYPE_NAMES.values()))}")
-        if tf is not None:
-            try:
-                tf.stored_dtype(DTYPE_NAMES[t.dtype])
-            except UnsupportedConfig as exc:
-                raise UnsupportedConfig(f"tensor {name!r}: {exc}") from None
-    return dict(weights)
+        label, tname = config.assign(name)
+        tf = get_transform(tname)
+        try:
+            stored = tf.stored_dtype(DTYPE_NAMES[dtype])
+        except UnsupportedConfig as exc:
+            raise UnsupportedConfig(f"tensor {name!r}: {exc}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        plan.append(Planned(name, label, DTYPE_NAMES[dtype], tuple(shape), stored,
+                            tf.params_reserve(DTYPE_NAMES[dtype], numel)))
+    return plan
 
 
-def _master_key(materials: dict[str, bytes], secret: bytes | None, kdf: KdfParams) -> bytes:
-    return MasterKDF(params=kdf).derive(assemble_material(materials, secret))
+def load_weights(weights: Mapping[str, torch.Tensor] | str | os.PathLike, *,
+                 transform: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a mapping of name -> tensor from a mapping, ``.safetensors``, or ``.pt``/``.bin`` state dict, with
+    every name and dtype checked as :func:`lock` checks them (against ``transform`` when given).
 
-
-def _key_check(master: bytes) -> str:
-    return hmac.new(subkey(master, "check"), _CHECK_LABEL, "sha256").hexdigest()[:32]
-
-
-def _header_mac(master: bytes, meta: dict[str, Any]) -> str:
-    """HMAC-SHA256 of the canonical metadata under a key only the right device derives.
-
-    Only transforms that already store a key check get it (aes, shuffle): for them a keyed check reveals nothing
-    new. pre-aes must not have one (it would be a key oracle); its header is protected by signatures only.
+    Raises:
+        ContainerError: The file is missing or unreadable.
+        UnsupportedConfig: Not a flat mapping of names to dense tensors of a supported dtype, an unfit name, or a
+            dtype ``transform`` cannot store.
     """
-    return hmac.new(subkey(master, "header"), _HEADER_LABEL + canonical(meta), "sha256").hexdigest()
+    source = _source(weights)
+    _plan(source, LockConfig(transform=transform or "aes"))
+    return dict(source.tensors())
 
 
-def _check_key_strength(profile: DeviceProfile, secret: bytes | None, allow_weak_key: bool) -> None:
-    # A key below the policy is refused: with the structural tests, a fingerprint of a few bits is cracked by
-    # enumerating configurations at Argon2id's cost each. The override still warns, with the figure.
-    if secret is not None and len(secret) < MIN_SECRET_BYTES:
-        # An empty or one-byte secret (an unset shell variable written to a file) is no secret: it must not
-        # stand in for the entropy the fingerprint lacks.
-        if not allow_weak_key:
-            raise WeakKey(f"refusing to lock: the vendor secret has {len(secret)} bytes (< {MIN_SECRET_BYTES}); use "
-                          f"at least {MIN_SECRET_BYTES} random bytes (e.g. `head -c 32 /dev/urandom > vendor.key`), "
-                          "or pass allow_weak_key=True (--allow-weak-key)")
-        warnings.warn(f"allow_weak_key=True: the vendor secret has only {len(secret)} bytes", LowEntropyWarning,
-                      stacklevel=3)
-        secret = None
-    strength = key_strength(profile.enrollments, secret=secret, minimum=MIN_ENTROPY_BITS)
-    if strength.sufficient:
-        return
-    if not allow_weak_key:
-        raise WeakKey(f"refusing to lock: {strength.message()}; or pass allow_weak_key=True (--allow-weak-key) "
-                      "if a key that an attacker can enumerate is acceptable")
-    warnings.warn(f"allow_weak_key=True: locking with a weak key: {strength.message()}", LowEntropyWarning,
-                  stacklevel=3)
+# ----------------------------------------------------------------------------------------------------------------
+# Lock.
+
+def _header_mac(key: bytes, label: str, meta: Metadata) -> str:
+    """HMAC-SHA256 of the content's description under a group's content key.
+
+    Only groups whose transform detects a wrong key get one (aes, shuffle): their licence wrap is authenticated
+    anyway, so a keyed check reveals nothing new. A pre-aes group must not have one (it would be a key oracle).
+    """
+    return hmac.new(subkey(key, "header"), _HEADER_LABEL + label.encode() + b"\0" + meta.content_canonical(),
+                    "sha256").hexdigest()
+
+
+def _sealer(keys: ContentKeys, signing_key: Ed25519PrivateKey | None) -> Callable[[Metadata], None]:
+    def seal(meta: Metadata) -> None:
+        meta.groups = {k: Group(g.transform, _header_mac(keys.groups[k].key, k, meta)
+                                if get_transform(g.transform).detects_wrong_key else None)
+                       for k, g in meta.groups.items()}
+        if signing_key is not None:
+            pub = signing_key.public_key().public_bytes_raw()
+            meta.signature = None
+            meta.signature = {"alg": "ed25519", "public_key": pub.hex(), "sig": signing_key.sign(meta.canonical()).hex()}
+    return seal
+
+
+def _write_container(out_path: str | os.PathLike, source: _Source, plan: list[Planned], keys: ContentKeys, *,
+                     license: License | None, shard: tuple[int, int] | None,
+                     signing_key: Ed25519PrivateKey | None, progress: Progress | None) -> Metadata:
+    used = {p.group for p in plan}
+    meta = Metadata(content_id=keys.content_id.hex(),
+                    groups={k: Group(g.transform, "" if get_transform(g.transform).detects_wrong_key else None)
+                            for k, g in keys.groups.items() if k in used or not plan},
+                    tensors={}, license=None if license is None else license.to_json(), shard=shard,
+                    created_by=f"chiplock {chiplock.__version__}")
+    with atomic_writer(out_path) as fh:
+        writer = ContainerWriter(fh, meta, plan, signature_room=signing_key is not None)
+        by_name = {p.name: p for p in plan}
+        for i, (name, t) in enumerate(source.tensors()):
+            p = by_name[name]
+            tf = get_transform(keys.groups[p.group].transform)
+            t = t.detach().cpu()
+            if DTYPE_NAMES.get(t.dtype) != p.dtype or tuple(t.shape) != p.shape:
+                raise ContainerError(f"tensor {name!r} changed while it was being read; nothing was written")
+            enc = tf.encode(t, subkey(keys.groups[p.group].key, f"tensor/{tf.name}", name))
+            del t
+            writer.add(name, enc.data, enc.params, enc.digest)
+            del enc
+            if progress:
+                progress("lock", i + 1, len(plan))
+        return writer.finish(_sealer(keys, signing_key))
 
 
 def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str | os.PathLike,
-         profile: DeviceProfile, transform: str = "pre-aes", secret: bytes | None = None, *,
-         kdf: KdfParams | None = None, signing_key: Ed25519PrivateKey | None = None,
-         allow_weak_key: bool = False, force: bool = False,
+         profile: DeviceProfile | None = None, transform: str = "pre-aes", secret: bytes | None = None, *,
+         config: LockConfig | None = None, kdf: KdfParams | None = None,
+         signing_key: Ed25519PrivateKey | None = None, allow_weak_key: bool = False, force: bool = False,
+         content_keys_path: str | os.PathLike | None = None, workers: int = 1,
          progress: Progress | None = None) -> dict[str, Any]:
-    """Lock ``weights`` to the device described by ``profile`` and write a container to ``out_path``.
+    """Lock ``weights`` and write a container (or a folder of them) to ``out_path``.
+
+    Each group of tensors (see :class:`~chiplock.config.LockConfig`) is encoded under its own random content key,
+    one tensor at a time: memory holds the tensor in hand, not the model.
+
+    * With ``profile`` (the single-file mode) the licence for that device goes inside the file.
+    * Without it the content keys are written to ``content_keys_path`` (mode 0600; keep it as secret as the
+      model) and :func:`chiplock.license.issue_license` / ``chiplock license issue`` makes one small licence per
+      device, in microseconds each.
 
     Args:
-        weights: A state dict, or a path to ``.safetensors`` / ``.pt`` / ``.bin`` (loaded with
-            ``weights_only=True``). The input is never modified.
-        out_path: Where to write the container; it gets its name only when complete (see
-            :func:`chiplock._io.atomic_writer`), so an interrupted lock leaves no partial output and an existing
-            file is replaced only by a complete one.
-        profile: The device's :class:`~chiplock.DeviceProfile` (from :func:`chiplock.enroll`).
-        transform: ``"pre-aes"`` (default), ``"aes"`` or ``"shuffle"``.
-        secret: Optional vendor secret mixed into the key (needed again to unlock).
-        kdf: Argon2id parameters; default about 0.4 s and 64 MiB per derivation.
-        signing_key: Optional Ed25519 private key; the device can then refuse a tampered file.
-        allow_weak_key: Lock even when the key rests on fewer than 64 estimated bits (or an unknown amount) and
-            no vendor secret, with a :class:`LowEntropyWarning` naming the figure. Without it that is refused.
-        force: Replace an existing ``out_path`` that is not a chiplock container (a plaintext model, say).
-            Without it that is refused, as is an ``out_path`` that is the input file.
+        weights: A state dict; a ``.safetensors`` file (read one tensor at a time) or ``.pt``/``.bin`` state dict
+            (loaded with ``weights_only=True``); or a Hugging Face folder of ``*.safetensors`` shards with
+            ``model.safetensors.index.json`` (or that index file), which gives a folder of ``*.chiplock`` shards
+            and ``model.chiplock.index.json`` sharing one set of content keys. The input is never modified.
+        out_path: The container (or folder) to write; it gets its name only when complete
+            (:func:`chiplock._io.atomic_writer`), so an interrupted lock leaves no partial output.
+        profile: The device's :class:`~chiplock.DeviceProfile` (from :func:`chiplock.enroll`), or ``None``.
+        transform: ``"pre-aes"`` (default), ``"aes"``, ``"shuffle"``: the transform of every tensor (shorthand for
+            ``config=LockConfig(transform=...)``).
+        secret: Optional vendor secret mixed into the device's licence (needed again to unlock).
+        config: Per-group transforms and keys; overrides ``transform``.
+        kdf: Argon2id parameters of the device key when ``profile`` carries none (default about 0.4 s, 64 MiB).
+        signing_key: Optional Ed25519 private key; a device given the public key then refuses a tampered file.
+        allow_weak_key: Lock even when the key rests on fewer than 64 estimated bits and no vendor secret, with
+            a :class:`LowEntropyWarning`. Without it that is refused.
+        force: Replace an existing ``out_path`` that is not a chiplock container.
+        content_keys_path: Where to write the content keys when ``profile`` is ``None`` (required then).
+        workers: Shards locked at once (folders only).
         progress: Optional ``progress(stage, done, total)`` callback.
 
     Returns:
-        The container's public metadata, as :func:`inspect` returns it.
+        The public metadata, as :func:`inspect` returns it.
 
     Raises:
-        UnsupportedConfig: Unknown transform or unsupported dtype.
-        WeakKey: The key rests on fewer than 64 estimated bits (or an unknown amount; ``precision`` alone has
-            about 12.5) and there is no vendor secret; pass ``secret=``, add a unit-binding source or
-            ``allow_weak_key=True``.
-        ContainerError: ``weights`` is a path that cannot be read.
-        OutputError: ``out_path`` is the input, a folder, in a missing folder, or a file of another kind
-            (without ``force``); or it cannot be written.
+        UnsupportedConfig: Unknown transform, unsupported dtype or unfit tensor name.
+        WeakKey: The key rests on too little entropy and there is no vendor secret (see ``allow_weak_key``).
+        ContainerError: ``weights`` cannot be read.
+        OutputError: ``out_path`` is the input, a folder, in a missing folder, or a file of another kind.
 
     Example:
         >>> profile = chiplock.enroll()  # doctest: +SKIP
         >>> chiplock.lock(model.state_dict(), "model.chiplock", profile, secret=vendor_secret)  # doctest: +SKIP
+        >>> chiplock.lock("model.safetensors", "model.chiplock", content_keys_path="model.keys")  # doctest: +SKIP
     """
-    if not isinstance(profile, DeviceProfile):
+    if profile is not None and not isinstance(profile, DeviceProfile):
         raise TypeError("profile must be a DeviceProfile; get one with chiplock.enroll() or DeviceProfile.load()")
     if secret is not None and not isinstance(secret, bytes):
         raise TypeError("secret must be bytes, e.g. secret=b'...' or bytes.fromhex(...)")
-    tf = get_transform(transform)
-    _check_key_strength(profile, secret, allow_weak_key)
-    # Refuse an output that would destroy the input or a plaintext model before any expensive work.
-    check_output(out_path, kind="container", force=force,
-                 inputs=[weights] if isinstance(weights, (str, os.PathLike)) else [])
-    tensors = load_weights(weights, transform=tf.name)
-    kdf = kdf or KdfParams()
-    master = _master_key(profile.materials(), secret, kdf)
-    meta: dict[str, Any] = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "transform": tf.name,
-        "created_by": f"chiplock {chiplock.__version__}", "kdf": kdf.to_json(),
-        "sources": [{"source": e.source, "helper": e.helper} for e in profile.enrollments],
-        "secret": secret is not None,
-        "key_check": _key_check(master) if tf.detects_wrong_key else None,
-        "tensors": {},
-    }
-    entries, blobs = [], []
-    for i, (name, t) in enumerate(tensors.items()):
-        enc = tf.encode(t.detach().cpu(), subkey(master, f"tensor/{tf.name}", name))
-        stored_dtype = enc.stored_dtype or DTYPE_NAMES[t.dtype]
-        data = enc.data.reshape(-1).view(np.uint8)
-        meta["tensors"][name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "params": enc.params,
-                                 "digest": tree_digest(data)}
-        entries.append((name, stored_dtype, tuple(t.shape), data.nbytes))
-        blobs.append(data)
-        if progress:
-            progress("lock", i + 1, len(tensors))
-    if tf.detects_wrong_key:
-        meta["header_mac"] = _header_mac(master, meta)
-    meta["header_digest"] = header_digest(meta)
-    if signing_key is not None:
-        pub = signing_key.public_key().public_bytes_raw()
-        meta["signature"] = {"alg": "ed25519", "public_key": pub.hex(),
-                             "sig": signing_key.sign(canonical(meta)).hex()}
-    with atomic_writer(out_path) as fh:
-        fh.write(build_header(meta, entries))
-        for data in blobs:
-            fh.write(memoryview(data))
+    config = config or LockConfig(transform=transform)
+    for tname in {config.transform, *(g.transform for g in config.groups)}:
+        get_transform(tname)
+    if profile is None:
+        if content_keys_path is None:
+            raise ValueError("without a profile the content keys must be kept: pass content_keys_path= (the "
+                             "CLI writes OUT.keys), or pass profile= to embed a licence for one device")
+        if secret is not None:
+            raise ValueError("a vendor secret belongs to a device's licence: pass it when issuing licences")
+        check_output(content_keys_path, kind="file", force=force,
+                     inputs=[weights] if isinstance(weights, (str, os.PathLike)) else [])
+    else:
+        check_key_strength(profile, secret, allow_weak_key, stacklevel=3)
+    folder = _is_folder_source(weights)
+    if folder:
+        from chiplock.container.shards import check_output_dir, plan_source
+
+        # The folder's index and the output folder are checked before any key work.
+        weights = plan_source(weights)
+        check_output_dir(weights.folder, out_path, force=force, plaintext=False)
+    else:
+        check_output(out_path, kind="container", force=force,
+                     inputs=[weights] if isinstance(weights, (str, os.PathLike)) else [])
+    # Only the groups some tensor joins get a key (and a wrap): an unused group must not make a licence mix kinds.
+    source = None if folder else _source(weights)
+    names = list(weights.weight_map) if folder else [n for n, _, _ in source.specs]
+    transforms = {DEFAULT_GROUP: config.transform, **{g.label: g.transform for g in config.groups}}
+    used = {config.assign(n)[0] for n in names} or {DEFAULT_GROUP}
+    keys = ContentKeys.new({label: t for label, t in transforms.items() if label in used})
+    lic = None
+    if profile is not None:
+        # The strength was checked (and warned about) above.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LowEntropyWarning)
+            lic = issue_license(keys, profile, secret=secret, allow_weak_key=True, kdf=kdf)
+    if folder:
+        from chiplock.container.shards import lock_dir
+
+        def lock_one(src: Path, out: Path, index: int, count: int) -> dict[str, Any]:
+            source = _source(src)
+            _write_container(out, source, _plan(source, config), keys, license=lic, shard=(index, count),
+                             signing_key=signing_key, progress=None)
+            return inspect(out)
+
+        lock_dir(weights, out_path, lock_one, force=force, workers=workers, progress=progress)
+    else:
+        _write_container(out_path, source, _plan(source, config), keys, license=lic, shard=None,
+                         signing_key=signing_key, progress=progress)
+    if profile is None:
+        keys.save(content_keys_path)
     return inspect(out_path)
 
 
-def _verify_signature(meta: dict[str, Any], verify_key: Ed25519PublicKey | bytes | None) -> None:
-    sig = meta.get("signature")
+# ----------------------------------------------------------------------------------------------------------------
+# Unlock.
+
+def _verify_signature(meta: Metadata, verify_key: Ed25519PublicKey | bytes | None) -> None:
     if verify_key is None:
         return
     if isinstance(verify_key, bytes):
-        verify_key = Ed25519PublicKey.from_public_bytes(verify_key)
-    if not sig or sig.get("alg") != "ed25519":
+        try:
+            verify_key = Ed25519PublicKey.from_public_bytes(verify_key)
+        except ValueError:
+            raise KeyFileError("verify_key is not a 32-byte Ed25519 public key; pass the vendor's public key") \
+                from None
+    if not isinstance(verify_key, Ed25519PublicKey):
+        raise TypeError("verify_key must be an Ed25519PublicKey or its 32 raw bytes")
+    sig = meta.signature
+    if not sig:
         raise InvalidTag("the file is not signed but a vendor key was given; obtain a signed copy") from None
     try:
-        verify_key.verify(bytes.fromhex(sig["sig"]), canonical(meta))
+        verify_key.verify(bytes.fromhex(sig["sig"]), meta.canonical())
     except (InvalidSignature, ValueError, TypeError):
         raise InvalidTag() from None
 
 
-def _device_materials(meta: dict[str, Any], profile: DeviceProfile | None) -> dict[str, bytes]:
-    needed = [s["source"] for s in meta["sources"]]
-    if profile is not None:
-        have = profile.materials()
-        missing = [n for n in needed if n not in have]
-        if missing:
-            raise ProfileError(f"the device profile lacks source(s) {', '.join(missing)} that this file needs; "
-                               f"enroll the device with --source {' --source '.join(needed)}")
-        return {n: have[n] for n in needed}
-    out = {}
-    for s in meta["sources"]:
+def _license_arg(license: License | str | os.PathLike | None) -> License | None:
+    if license is None or isinstance(license, License):
+        return license
+    return License.load(license)
+
+
+def _open_keys(cs: list[Container], *, profile: DeviceProfile | None, secret: bytes | None,
+               license: License | None, verify_key: Any, max_kdf_memory_kib: int | None,
+               groups: Iterable[str] | None) -> dict[str, bytes]:
+    """Check the containers' public parts, open the licence once for all of them (one Argon2id run for a whole
+    folder), and check each group's header MAC: the content key of every wanted group."""
+    transforms: dict[str, str] = {}
+    for c in cs:
+        _verify_signature(c.meta, verify_key)
+        for label, g in c.meta.groups.items():
+            if transforms.setdefault(label, g.transform) != g.transform:
+                raise ContainerError(f"the shards disagree on group {label!r}'s transform; re-download the folder")
+    embedded = license is None
+    if embedded:
+        lic_json = cs[0].meta.license
+        if lic_json is None:
+            raise ProfileError("this file carries no licence; pass the device's licence (license=... / --license "
+                               "FILE), issued with `chiplock license issue`")
+        if any(c.meta.license != lic_json for c in cs):
+            raise ContainerError("the shards carry different licences; re-download the folder")
+        license = License.from_json(lic_json)
+    if groups is None:
+        wanted = list(transforms)
+    else:
+        if isinstance(groups, (str, bytes)) or not all(isinstance(g, str) for g in groups):
+            raise TypeError("groups must be a list of group labels (or None for all), e.g. groups=['main']")
+        wanted = list(dict.fromkeys(groups))
+        unknown = [g for g in wanted if g not in transforms]
+        if unknown:
+            raise UnsupportedConfig(f"the file has no group(s) {', '.join(map(repr, unknown))}; it has "
+                                    f"{', '.join(map(repr, transforms))}")
+    keys = open_license(license, content_id=bytes.fromhex(cs[0].meta.content_id), transforms=transforms,
+                        profile=profile, secret=secret, verify_key=None if embedded else verify_key,
+                        max_kdf_memory_kib=max_kdf_memory_kib, groups=wanted)
+    for c in cs:
+        for label, g in c.meta.groups.items():
+            # The right key (its wrap is authenticated), so the header's per-tensor parameters (nonces, shapes,
+            # ...) can be authenticated too: a rewritten unsigned header must not decode to garbage silently.
+            if label in keys and g.mac is not None and \
+                    not hmac.compare_digest(g.mac, _header_mac(keys[label], label, c.meta)):
+                raise InvalidTag() from None
+    return keys
+
+
+def _iter_container(c: Container, keys: Mapping[str, bytes],
+                    progress: Progress | None) -> Iterator[tuple[str, torch.Tensor]]:
+    todo = [e for e in c.entries if c.meta.tensors[e.name].group in keys]
+    for i, entry in enumerate(todo):
+        info = c.meta.tensors[entry.name]
+        yield entry.name, _decode(c, entry, info, keys[info.group])
+        if progress:
+            progress("unlock", i + 1, len(todo))
+
+
+def _decode(c: Container, entry: Any, info: TensorInfo, group_key: bytes) -> torch.Tensor:
+    tf = get_transform(c.meta.groups[info.group].transform)
+    dtype = DTYPE_BY_NAME.get(info.dtype)
+    if dtype is None:
+        raise UnsupportedConfig(f"tensor {entry.name!r} has dtype {info.dtype!r}, unknown to this chiplock; "
+                                "upgrade chiplock")
+    key = subkey(group_key, f"tensor/{tf.name}", entry.name)
+    with c.stored(entry) as stored:
+        # Transforms that hash while they decode (aes) verify in the same pass; the others before decoding.
+        if not tf.fused_digest and tree_digest(stored) != info.digest:
+            raise InvalidTag() from None
+        leaves: list[bytes] = []
+        fused = {"leaves": leaves} if tf.fused_digest else {}
         try:
-            out[s["source"]] = get_source(s["source"]).reproduce(s["helper"])
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, SystemError,
-                MemoryError):
-            # The helper is public and unauthenticated (unless signed): a source that trips over a crafted one
-            # must give one clear error, not a traceback. Each source also bounds what a helper may ask.
-            raise ContainerError(f"the file's public helper data for fingerprint source {s['source']!r} is "
-                                 "malformed; the file is damaged: obtain a fresh copy") from None
+            out = tf.decode(stored, dict(info.params), key, dtype, info.shape, **fused)
+        except (KeyError, TypeError, ValueError):
+            raise ContainerError(f"the public parameters of tensor {entry.name!r} are malformed; the file is "
+                                 "damaged: obtain a fresh copy") from None
+        if tf.fused_digest and tree_root(leaves) != info.digest:
+            raise InvalidTag() from None
     return out
 
 
+def decode_with_keys(path: str | os.PathLike, keys: Mapping[str, bytes]) -> dict[str, torch.Tensor]:
+    """Decode every tensor of the groups in ``keys`` (label -> content key) with those keys (expert).
+
+    Performs no key check: this is what an attacker who skips the licence (or guesses a content key) gets, and
+    what the demo and the attack harness use to show wrong-key weights. Transforms that authenticate with the key
+    (``aes``) decode without checking their tags; the others' stored bytes are still verified.
+    """
+    c = open_container(path)
+    out = {}
+    for e in c.entries:
+        info = c.meta.tensors[e.name]
+        if info.group not in keys:
+            continue
+        tf = get_transform(c.meta.groups[info.group].transform)
+        unverified = getattr(tf, "decode_unverified", None)
+        if unverified is None:
+            out[e.name] = _decode(c, e, info, keys[info.group])
+            continue
+        with c.stored(e) as stored:
+            out[e.name] = unverified(stored, dict(info.params), subkey(keys[info.group], f"tensor/{tf.name}", e.name),
+                                     DTYPE_BY_NAME[info.dtype], info.shape)
+    return out
+
+
+def iter_unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret: bytes | None = None, *,
+                license: License | str | os.PathLike | None = None,
+                verify_key: Ed25519PublicKey | bytes | None = None, max_kdf_memory_kib: int | None = None,
+                device: torch.device | str | None = None, groups: Iterable[str] | None = None,
+                progress: Progress | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Unlock a container (or a folder of shards) one tensor at a time: ``(name, tensor)`` pairs in file order.
+
+    Memory holds the tensor in hand (and what the caller keeps). Each tensor's stored bytes are verified before
+    it is yielded; a file altered further on raises :class:`InvalidTag` when the iteration reaches it, after the
+    earlier tensors were yielded (use :func:`unlock` for all-or-nothing). Arguments as :func:`unlock`.
+    """
+    cs = list(_containers(path))
+    keys = _open_keys(cs, profile=profile, secret=secret, license=_license_arg(license), verify_key=verify_key,
+                      max_kdf_memory_kib=max_kdf_memory_kib, groups=groups)
+    target = torch.device(device) if device is not None else None
+    for c in cs:
+        for name, t in _iter_container(c, keys, progress):
+            yield name, _to_device(t, target)
+
+
+def _containers(path: str | os.PathLike) -> Iterator[Container]:
+    if _is_folder_source(path):
+        from chiplock.container.shards import locked_dir_shards
+
+        locked = locked_dir_shards(path)
+        content = None
+        for i, shard in enumerate(locked.shards):
+            c = open_container(shard)
+            if content is not None and c.meta.content_id != content:
+                raise ContainerError(f"shard {shard.name!r} belongs to another model than the other shards; "
+                                     "re-download the folder")
+            # The index is not signed, each shard's place is: a shard dropped from (or added to) the index, or
+            # two shards swapped, is refused.
+            if c.meta.shard != (i, len(locked.shards)):
+                raise ContainerError(f"shard {shard.name!r} says it is part {_shard_text(c.meta.shard)} but the "
+                                     f"folder's index lists it as part {i + 1} of {len(locked.shards)}; "
+                                     "re-download the folder")
+            content = c.meta.content_id
+            yield c
+    else:
+        yield open_container(path)
+
+
+def _shard_text(shard: tuple[int, int] | None) -> str:
+    return "of no folder" if shard is None else f"{shard[0] + 1} of {shard[1]}"
+
+
+def _to_device(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    if device is None or device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        # A pinned staging copy lets the host-to-device transfer run at full PCIe speed.
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret: bytes | None = None, *,
-           verify_key: Ed25519PublicKey | bytes | None = None, max_kdf_memory_kib: int | None = None,
-           progress: Progress | None = None) -> dict[str, torch.Tensor]:
-    """Unlock a container in memory and return its weights. Nothing is written to disk.
+           license: License | str | os.PathLike | None = None, verify_key: Ed25519PublicKey | bytes | None = None,
+           max_kdf_memory_kib: int | None = None, device: torch.device | str | None = None,
+           groups: Iterable[str] | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Unlock a container (or a folder of shards) in memory and return its weights. Nothing is written to disk.
 
     Args:
-        path: A container written by :func:`lock`.
+        path: A container written by :func:`lock`, or a folder of shards with ``model.chiplock.index.json``.
         profile: Unlock as the device of this profile would. ``None`` (the normal case on a device) measures
             the device this runs on.
-        secret: The vendor secret, if the file was locked with one.
-        verify_key: The vendor's Ed25519 public key; the file must then carry a valid signature by it.
-        max_kdf_memory_kib: The most Argon2id memory (KiB) the file may ask of this device; default
-            ``$CHIPLOCK_MAX_KDF_MEMORY_KIB`` or 1 GiB. A file asking more is refused before any key work.
+        secret: The vendor secret, if the licence was issued with one.
+        license: The device's licence (a :class:`~chiplock.license.License` or its file) when the file carries
+            none (content mode); default: the licence inside the file.
+        verify_key: The vendor's Ed25519 public key; the file (and a separate licence) must then carry a valid
+            signature by it.
+        max_kdf_memory_kib: The most Argon2id memory (KiB) a licence may ask of this device; default
+            ``$CHIPLOCK_MAX_KDF_MEMORY_KIB`` or 1 GiB.
+        device: Put each tensor there as it is unlocked (``"cuda"``: through pinned memory).
+        groups: Unlock only these groups (key labels); default all.
         progress: Optional ``progress(stage, done, total)`` callback.
 
     Returns:
-        A dict of tensor name -> tensor, in the order they were locked.
+        A dict of tensor name -> tensor, in file order.
 
     Raises:
         ContainerError: Not a chiplock file, truncated, or an unsupported version.
         InvalidTag: The stored bytes or header were altered, or the signature does not verify.
-        InvalidKey: ``aes``/``shuffle`` only: this device (or secret) is not the one the file was locked for.
-            ``pre-aes`` never raises it: a wrong device gets plausible but useless weights.
+        InvalidKey: ``aes``/``shuffle`` groups only: this device (or secret) is not the licence's. ``pre-aes``
+            never raises it: a wrong device gets plausible but useless weights.
         FingerprintError: A fingerprint source cannot measure this device.
-        ProfileError: The profile lacks a source the file needs, or the vendor secret is missing.
+        ProfileError: No licence, the profile lacks a source the licence needs, or the vendor secret is missing.
 
     Example:
         >>> weights = chiplock.unlock("model.chiplock")  # doctest: +SKIP
-        >>> model.load_state_dict(weights)  # doctest: +SKIP
+        >>> weights = chiplock.unlock("model.chiplock", license="device.lic")  # doctest: +SKIP
     """
-    meta, stored = map_tensors(path, max_kdf_memory_kib=max_kdf_memory_kib)
-    _verify_signature(meta, verify_key)
-    if meta.get("secret") and secret is None:
-        raise ProfileError("this file was locked with a vendor secret; pass it (secret=... / --secret-file)")
-    if not meta.get("secret") and secret is not None:
-        raise ProfileError("this file was locked without a vendor secret; do not pass one")
-    tf = get_transform(meta["transform"])
-    # Transforms that hash while they decode (aes) are verified tensor by tensor below, in the same pass;
-    # the others are verified here, before any key work.
-    if not tf.fused_digest:
-        for i, st in enumerate(stored):
-            if tree_digest(st.data) != meta["tensors"][st.name]["digest"]:
-                raise InvalidTag() from None
-            if progress:
-                progress("verify", i + 1, len(stored))
-    master = derive_file_key(meta, profile, secret, max_kdf_memory_kib=max_kdf_memory_kib)
-    if tf.detects_wrong_key:
-        if not hmac.compare_digest(str(meta.get("key_check")).encode(), _key_check(master).encode()):
-            raise InvalidKey("this file was locked for another device (or another vendor secret); it cannot be "
-                             "unlocked here: ask the vendor for a file locked to this device")
-        # The right key, so the header's per-tensor parameters (nonces, shapes, ...) can be authenticated: a
-        # rewritten unsigned header (new nonce + recomputed header digest) must not decode to garbage silently.
-        if not hmac.compare_digest(str(meta.get("header_mac")).encode(), _header_mac(master, meta).encode()):
-            raise InvalidTag() from None
-    return decode_tensors(meta, stored, master, progress=progress)
+    return dict(iter_unlock(path, profile, secret, license=license, verify_key=verify_key,
+                            max_kdf_memory_kib=max_kdf_memory_kib, device=device, groups=groups, progress=progress))
 
 
-def derive_file_key(meta: dict[str, Any], profile: DeviceProfile | None, secret: bytes | None, *,
-                    max_kdf_memory_kib: int | None = None) -> bytes:
-    """The master key a device (``profile``, or this machine when ``None``) derives for a container (expert)."""
-    kdf = KdfParams.from_json(meta["kdf"], max_memory_kib=max_kdf_memory_kib)
-    return _master_key(_device_materials(meta, profile), secret, kdf)
+def unlock_to_file(path: str | os.PathLike, out: str | os.PathLike, profile: DeviceProfile | None = None,
+                   secret: bytes | None = None, *, force: bool = False, **kw: Any) -> None:
+    """Unlock ``path`` and write plaintext safetensors to ``out`` (a folder of shards for a folder), streaming:
+    one tensor in memory at a time. ``out`` (mode 0600) appears only when complete and every byte verified.
 
-
-def decode_tensors(meta: dict[str, Any], stored: list, master: bytes, *,
-                   progress: Progress | None = None) -> dict[str, torch.Tensor]:
-    """Undo the transform of every mapped tensor with ``master`` (expert; performs no key check).
-
-    Transforms that hash while they decode (aes) verify each tensor's digest here.
+    Arguments as :func:`unlock`; ``force`` lets ``out`` replace a file that is not a safetensors file (never a
+    container).
     """
-    tf = get_transform(meta["transform"])
-    out: dict[str, torch.Tensor] = {}
-    for i, st in enumerate(stored):
-        info = meta["tensors"][st.name]
-        dtype = DTYPE_BY_NAME.get(info["dtype"])
-        if dtype is None:
-            raise UnsupportedConfig(f"tensor {st.name!r} has dtype {info['dtype']!r}, unknown to this chiplock; "
-                                    "upgrade chiplock")
-        key = subkey(master, f"tensor/{tf.name}", st.name)
-        leaves: list[bytes] = []
-        fused = {"leaves": leaves} if tf.fused_digest else {}
-        try:
-            out[st.name] = tf.decode(st.data, info["params"], key, dtype, tuple(info["shape"]), **fused)
-        except (KeyError, TypeError, ValueError):
-            raise ContainerError(f"the public parameters of tensor {st.name!r} are malformed; the file is "
-                                 "damaged: obtain a fresh copy") from None
-        if tf.fused_digest and tree_root(leaves) != info["digest"]:
-            raise InvalidTag() from None
-        if progress:
-            progress("unlock", i + 1, len(stored))
-    return out
+    opts = dict(license=_license_arg(kw.pop("license", None)), verify_key=kw.pop("verify_key", None),
+                max_kdf_memory_kib=kw.pop("max_kdf_memory_kib", None), groups=kw.pop("groups", None))
+    progress = kw.pop("progress", None)
+    if kw:
+        raise TypeError(f"unlock_to_file got unexpected argument(s) {', '.join(kw)}")
+    wanted = opts["groups"]
 
+    def entries(c: Container) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [(e.name, DTYPE_BY_NAME[c.meta.tensors[e.name].dtype], e.shape) for e in c.entries
+                if wanted is None or c.meta.tensors[e.name].group in wanted]
+
+    if not _is_folder_source(path):
+        check_output(out, kind="weights", force=force, inputs=[path])
+        c = open_container(path)
+        keys = _open_keys([c], profile=profile, secret=secret, **opts)
+        with atomic_writer(out, mode=0o600) as fh:
+            write_plain(fh, entries(c), _iter_container(c, keys, progress))
+        return
+    from dataclasses import replace
+
+    from chiplock.container.shards import check_output_dir, locked_dir_shards, unlock_dir
+
+    locked = locked_dir_shards(path)
+    check_output_dir(locked.folder, out, force=force, plaintext=True)  # Before any key work.
+    cs = list(_containers(path))
+    # The containers whose licence and MACs are checked here are the ones decoded, not a second read of the files.
+    opened = {os.path.realpath(c.path): c for c in cs}
+    keys = _open_keys(cs, profile=profile, secret=secret, **opts)
+    if wanted is not None:
+        names = {n for c in cs for n, t in c.meta.tensors.items() if t.group in keys}
+        locked = replace(locked, weight_map={t: f for t, f in locked.weight_map.items() if t in names})
+
+    def container(shard: Path) -> Container:
+        c = opened.get(os.path.realpath(shard))
+        if c is None:
+            raise ContainerError(f"shard {shard.name!r} is not in the folder's index; re-download the folder")
+        return c
+
+    unlock_dir(locked, out, lambda shard: _iter_container(container(shard), keys, progress),
+               lambda shard: entries(container(shard)), force=force)
+
+
+def load_state_dict(model: torch.nn.Module, path: str | os.PathLike, profile: DeviceProfile | None = None,
+                    secret: bytes | None = None, *, strict: bool = True, device: torch.device | str | None = None,
+                    **kw: Any) -> tuple[list[str], list[str]]:
+    """Unlock ``path`` straight into ``model``'s parameters and buffers, one tensor at a time.
+
+    Parameters on the ``meta`` device (a model built without memory) are replaced by the unlocked tensors;
+    others are copied into in place (keeping their device and dtype). ``device`` moves each tensor there first.
+
+    Returns:
+        ``(missing, unexpected)`` tensor names, as :meth:`torch.nn.Module.load_state_dict` reports them.
+
+    Raises:
+        ContainerError: ``strict`` and names differ, or a shape differs (always). And as :func:`unlock`.
+
+    Example:
+        >>> chiplock.load_state_dict(model, "model.chiplock", device="cuda")  # doctest: +SKIP
+    """
+    slots: dict[str, tuple[torch.nn.Module, str, bool]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        prefix = f"{mname}." if mname else ""
+        for pname, p in mod._parameters.items():
+            if p is not None:
+                slots.setdefault(prefix + pname, (mod, pname, True))
+        for bname, b in mod._buffers.items():
+            if b is not None and bname not in mod._non_persistent_buffers_set:
+                slots.setdefault(prefix + bname, (mod, bname, False))
+    seen, unexpected = set(), []
+    for name, t in iter_unlock(path, profile, secret, device=device, **kw):
+        slot = slots.get(name)
+        if slot is None:
+            unexpected.append(name)
+            continue
+        mod, attr, is_param = slot
+        cur = getattr(mod, attr)
+        if tuple(cur.shape) != tuple(t.shape):
+            raise ContainerError(f"tensor {name!r} has shape {tuple(t.shape)} in the file but {tuple(cur.shape)} in "
+                                 "the model; build the model with the file's configuration")
+        with torch.no_grad():
+            if cur.is_meta:
+                new = t.to(cur.dtype) if cur.dtype != t.dtype else t
+                setattr(mod, attr, torch.nn.Parameter(new, requires_grad=cur.requires_grad) if is_param else new)
+            else:
+                cur.copy_(t)
+        seen.add(name)
+        del t
+    missing = [n for n in slots if n not in seen]
+    if strict and (missing or unexpected):
+        raise ContainerError(f"the file and the model disagree: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+                             "pass strict=False to load what matches")
+    return missing, unexpected
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inspect.
 
 def inspect(path: str | os.PathLike) -> dict[str, Any]:
-    """Public metadata of a container: format, transform, sources, KDF, tensors' names, dtypes and shapes.
+    """Public metadata of a container (or a folder of shards): transforms, groups, licence, tensors.
 
-    Reads only the header; needs no key and measures nothing.
+    Reads only headers; needs no key and measures nothing.
 
     Raises:
         ContainerError: Not a chiplock file, truncated, or an unsupported version.
     """
-    # inspect does no key work, so it shows a file whatever KDF cost it asks (unlock refuses one over the cap).
-    meta, _, _ = read_header(path, max_kdf_memory_kib=ARGON2_MAX_MEMORY_KIB)
-    return {
-        "format": meta["format"], "version": meta["version"], "transform": meta["transform"],
-        "created_by": meta.get("created_by"),
-        "sources": [s["source"] for s in meta["sources"]],
-        "helpers": {s["source"]: s["helper"] for s in meta["sources"]},
-        "secret_required": bool(meta.get("secret")),
-        "kdf": {k: v for k, v in meta["kdf"].items() if k != "salt"},
-        "signed": bool(meta.get("signature")),
-        "signer_public_key": (meta.get("signature") or {}).get("public_key"),
-        "tensors": {n: {"dtype": t["dtype"], "shape": t["shape"]} for n, t in meta["tensors"].items()},
-        "total_bytes": os.path.getsize(path),
-        "wrong_key": _WRONG_KEY_NOTE["detected" if get_transform(meta["transform"]).detects_wrong_key
-                                     else "silent"],
-    }
+    if _is_folder_source(path):
+        from chiplock.container.shards import locked_dir_shards
+
+        locked = locked_dir_shards(path)
+        parts = [inspect(s) for s in locked.shards]
+        out = dict(parts[0])
+        out["tensors"] = {n: t for p in parts for n, t in p["tensors"].items()}
+        groups = {k: g["transform"] for p in parts for k, g in p["groups"].items()}
+        out["groups"] = {k: {"transform": t, "tensors": sum(p["groups"].get(k, {}).get("tensors", 0) for p in parts)}
+                         for k, t in groups.items()}
+        transforms = sorted(set(groups.values()))
+        out["transform"] = transforms[0] if len(transforms) == 1 else transforms
+        out["total_bytes"] = sum(p["total_bytes"] for p in parts)
+        out["shards"] = [s.name for s in locked.shards]
+        out["shard"] = None
+        return out
+    c = open_container(path)
+    out = c.meta.public()
+    out["total_bytes"] = c.size
+    return out
 
 
-#: What a wrong key does with each kind of transform, stated where users look (inspect, the CLI).
-_WRONG_KEY_NOTE = {
-    "detected": "a wrong device or secret is refused (key check); the header is authenticated with the file key",
-    "silent": ("a wrong device gets plausible but useless weights and the file has no key check; but structural "
-               "statistics of the weights tell wrong-key weights from real ones in milliseconds (docs/attacks.md), "
-               "so a key guess costs one Argon2id run and the lock is as strong as the key's entropy"),
-}
+__all__ = ["LowEntropyWarning", "decode_with_keys", "inspect", "iter_unlock", "load_state_dict", "load_weights", "lock", "unlock",
+           "unlock_to_file"]

@@ -7,7 +7,6 @@ own errors, OS errors (mapped to :class:`~chiplock.errors.FileAccessError`) and 
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import json
 import sys
@@ -22,13 +21,15 @@ from rich.table import Table
 from chiplock._io import check_input, check_output, os_error, read_capped
 from chiplock.errors import (ChiplockError, ContainerError, FileAccessError, KeyFileError, OutputError,
                              ProfileError)
+from chiplock.fingerprint import available_sources
 from chiplock.fingerprint.cli import app as fingerprint_app
+from chiplock.registry import choices_enum, load_plugins
 from chiplock.softlock.cli import app as softlock_app
+from chiplock.transforms import available_transforms
 
-class Transform(str, enum.Enum):
-    aes = "aes"
-    shuffle = "shuffle"
-    pre_aes = "pre-aes"
+load_plugins()
+#: The --transform choices: every registered transform, plug-ins included (docs/extending.md).
+Transform = choices_enum("Transform", available_transforms())
 
 
 app = typer.Typer(help="Lock machine-learning models to the hardware they are licensed for.",
@@ -47,7 +48,9 @@ app.add_typer(softlock_app, name="softlock")
 
 @app.command()
 def enroll(out: Path = typer.Option(..., "-o", "--out", help="Where to write the device profile (JSON, secret)."),
-           source: list[str] = typer.Option(["precision"], "--source", help="Fingerprint source; repeatable."),
+           source: list[str] = typer.Option(["precision"], "--source",
+                                             help=f"Fingerprint source ({', '.join(available_sources())}); "
+                                                  "repeatable."),
            force: bool = typer.Option(False, "--force", help="Replace an existing file at --out.")) -> None:
     """Measure this device and write its profile (the vendor keeps it secret)."""
     from chiplock.profile import enroll as _enroll
@@ -159,50 +162,98 @@ def _progress(label: str) -> Iterator:
 
 
 @app.command("lock")
-def lock_cmd(model: Path = typer.Argument(..., help="Weights: .safetensors, or a .pt/.bin state dict."),
-             profile: Path = typer.Option(..., "--profile", help="Device profile from `chiplock enroll`."),
-             transform: Transform = typer.Option(Transform.pre_aes, "--transform", help="Parameter transform."),
-             out: Path = typer.Option(..., "-o", "--out", help="Container to write."),
+def lock_cmd(model: Path = typer.Argument(..., help="Weights: .safetensors, a .pt/.bin state dict, or a Hugging "
+                                                    "Face folder of *.safetensors shards."),
+             out: Path = typer.Option(..., "-o", "--out", help="Container (or folder, for a folder) to write."),
+             profile: Optional[Path] = typer.Option(None, "--profile",
+                                                    help="Device profile from `chiplock enroll`: embed that "
+                                                         "device's licence. Without it the content keys go to "
+                                                         "--keys-out and `chiplock license issue` makes licences."),
+             transform: Transform = typer.Option("pre-aes", "--transform", help="Parameter transform."),
+             group: list[str] = typer.Option([], "--group",
+                                             help="LABEL=TRANSFORM:PATTERN[,PATTERN...]: tensors matching a "
+                                                  "pattern get their own key and transform; repeatable."),
+             keys_out: Optional[Path] = typer.Option(None, "--keys-out",
+                                                     help="Where to write the content keys without --profile "
+                                                          "(default OUT.keys; keep it secret)."),
              secret_file: Optional[Path] = typer.Option(None, "--secret-file", help="Vendor secret (raw bytes)."),
              signing_key: Optional[Path] = typer.Option(None, "--signing-key",
                                                         help="Ed25519 private key (PEM) to sign the file."),
+             workers: int = typer.Option(1, "--workers", min=1, help="Shards locked at once (folders)."),
              allow_weak_key: bool = typer.Option(False, "--allow-weak-key",
                                                  help="Lock even if the key rests on too little entropy."),
              force: bool = typer.Option(False, "--force",
                                         help="Replace an existing OUT that is not a chiplock container."),
              as_json: bool = typer.Option(False, "--json", help="Print the public metadata as JSON.")) -> None:
-    """Lock MODEL to the device of PROFILE and write a container."""
+    """Lock MODEL and write a container: for one device (--profile), or once for licences (no --profile)."""
     from chiplock.api import lock
+    from chiplock.config import LockConfig
     from chiplock.profile import DeviceProfile
 
-    check_input(model, "model file", "check the path (a .safetensors file or a .pt/.bin state dict)",
-                ContainerError)
-    check_input(profile, "device profile", _ENROLL_HINT, ProfileError)
+    if not model.is_dir():
+        check_input(model, "model file", "check the path (a .safetensors file, a .pt/.bin state dict or a folder)",
+                    ContainerError)
+    if profile is not None:
+        check_input(profile, "device profile", _ENROLL_HINT, ProfileError)
+    config = LockConfig(transform=transform.value, groups=tuple(_parse_group(g) for g in group))
     secret = _read_secret(secret_file)
     key = _load_signing_key(signing_key) if signing_key is not None else None
-    prof = DeviceProfile.load(profile)
-    # Before any key derivation: OUT may not be an input file (lock() checks the model, not the others) or a
-    # plaintext model (without --force), and its folder must exist.
-    check_output(out, kind="container", force=force,
-                 inputs=[p for p in (model, profile, secret_file, signing_key) if p is not None])
+    prof = DeviceProfile.load(profile) if profile is not None else None
+    keys_path = None
+    if prof is None:
+        keys_path = keys_out or out.with_name(out.name + ".keys")
+        if secret is not None:
+            raise ProfileError("--secret-file goes with a device's licence: pass it to `chiplock license issue` "
+                               "(or lock with --profile)")
+    inputs = [p for p in (model, profile, secret_file, signing_key) if p is not None]
+    if not model.is_dir():
+        # Before any key derivation: OUT may not be an input file or a plaintext model (without --force).
+        check_output(out, kind="container", force=force, inputs=inputs)
+    if keys_path is not None:
+        check_output(keys_path, kind="file", inputs=inputs + [out])
+        if keys_path.exists() and not force:
+            raise OutputError(f"{str(keys_path)!r} already exists (the content keys of another lock?); choose "
+                              "another path with --keys-out or pass --force to replace it")
     with _progress("lock") as update:
-        info = lock(model, out, prof, transform=transform.value, secret=secret, signing_key=key,
-                    allow_weak_key=allow_weak_key, force=force, progress=update)
+        info = lock(model, out, prof, secret=secret, config=config, signing_key=key, allow_weak_key=allow_weak_key,
+                    force=force, content_keys_path=keys_path, workers=workers, progress=update)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
-    else:
-        console.print(f"locked {len(info['tensors'])} tensors with [bold]{info['transform']}[/] -> {out} "
-                      f"({info['total_bytes'] / 1e6:.2f} MB)")
+        return
+    console.print(f"locked {len(info['tensors'])} tensors with [bold]{info['transform']}[/] -> {out} "
+                  f"({info['total_bytes'] / 1e6:.2f} MB)")
+    if keys_path is not None:
+        console.print(f"content keys -> [bold]{keys_path}[/] (mode 0600; keep them as secret as the model). Issue a "
+                      f"licence per device: chiplock license issue {out} --profile DEVICE.json -o DEVICE.lic")
+
+
+def _parse_group(spec: str):
+    from chiplock.config import GroupConfig
+
+    label, _, rest = spec.partition("=")
+    tname, _, patterns = rest.partition(":")
+    if not (label and tname and patterns):
+        raise typer.BadParameter(f"--group {spec!r} is not LABEL=TRANSFORM:PATTERN[,PATTERN...], e.g. "
+                                 "--group head=aes:lm_head.*")
+    try:
+        return GroupConfig(label, tname, tuple(p for p in patterns.split(",") if p))
+    except ValueError as exc:
+        raise typer.BadParameter(f"--group {spec!r}: {exc}") from None
 
 
 @app.command("unlock")
-def unlock_cmd(container: Path = typer.Argument(..., help="A chiplock container."),
+def unlock_cmd(container: Path = typer.Argument(..., help="A chiplock container, or a folder of them."),
                out: Optional[Path] = typer.Option(None, "-o", "--out",
-                                                  help="Write the unlocked weights here (.safetensors). "
-                                                       "Without it nothing is written."),
+                                                  help="Write the unlocked weights here (.safetensors, or a folder "
+                                                       "for a folder), one tensor at a time. Without it nothing is "
+                                                       "written."),
+               license: Optional[Path] = typer.Option(None, "--license",
+                                                      help="This device's licence (from `chiplock license issue`), "
+                                                           "for a file locked without --profile."),
                profile: Optional[Path] = typer.Option(None, "--profile",
                                                       help="Unlock as this profile's device would "
                                                            "(default: measure this device)."),
+               group: list[str] = typer.Option([], "--group", help="Unlock only this group; repeatable."),
                secret_file: Optional[Path] = typer.Option(None, "--secret-file", help="Vendor secret."),
                verify_key: Optional[Path] = typer.Option(None, "--verify-key",
                                                          help="Vendor's Ed25519 public key (PEM): require a "
@@ -212,28 +263,35 @@ def unlock_cmd(container: Path = typer.Argument(..., help="A chiplock container.
                                                "(never a chiplock container)."),
                as_json: bool = typer.Option(False, "--json", help="Print a JSON summary.")) -> None:
     """Unlock CONTAINER on this device; write plaintext weights only with -o."""
-    from chiplock._io import atomic_writer
-    from chiplock.api import unlock
+    from chiplock.api import iter_unlock, unlock_to_file
+    from chiplock.license import License
     from chiplock.profile import DeviceProfile
 
-    check_input(container, "container", "check the path", ContainerError)
+    if not container.is_dir():
+        check_input(container, "container", "check the path", ContainerError)
     if profile is not None:
         check_input(profile, "device profile", _ENROLL_HINT, ProfileError)
+    lic = License.load(license) if license is not None else None
     secret = _read_secret(secret_file)
     pub = _load_verify_key(verify_key) if verify_key is not None else None
-    if out is not None:
+    if out is not None and not container.is_dir():
         # Before any key derivation: never overwrite the container, a model of another kind, or the input.
         check_output(out, kind="weights", force=force,
-                     inputs=[p for p in (container, profile, secret_file, verify_key) if p is not None])
+                     inputs=[p for p in (container, profile, secret_file, verify_key, license) if p is not None])
     prof = DeviceProfile.load(profile) if profile is not None else None
+    kw = dict(license=lic, verify_key=pub, groups=group or None)
     with _progress("unlock") as update:
-        weights = unlock(container, profile=prof, secret=secret, verify_key=pub, progress=update)
-    if out is not None:
-        from safetensors.torch import save
-        with atomic_writer(out, mode=0o600) as fh:
-            fh.write(save({k: v.contiguous() for k, v in weights.items()}))
-    summary = {"tensors": len(weights), "parameters": sum(v.numel() for v in weights.values()),
-               "written": str(out) if out else None}
+        if out is not None:
+            unlock_to_file(container, out, prof, secret, force=force, progress=update, **kw)
+            from chiplock.api import inspect
+
+            info = inspect(container)
+            n, params = len(info["tensors"]), sum(_numel(t["shape"]) for t in info["tensors"].values())
+        else:
+            n = params = 0
+            for _, t in iter_unlock(container, prof, secret, progress=update, **kw):
+                n, params = n + 1, params + t.numel()
+    summary = {"tensors": n, "parameters": params, "written": str(out) if out else None}
     if as_json:
         typer.echo(json.dumps(summary))
     else:
@@ -241,24 +299,88 @@ def unlock_cmd(container: Path = typer.Argument(..., help="A chiplock container.
                       + (f" -> {out}" if out else " in memory (nothing written; pass -o to write)"))
 
 
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+license_app = typer.Typer(help="Per-device licences for a model locked once (without --profile).",
+                          no_args_is_help=True)
+app.add_typer(license_app, name="license")
+
+
+@license_app.command("issue")
+def license_issue_cmd(container: Path = typer.Argument(..., help="The locked model (file or folder)."),
+                      profile: list[Path] = typer.Option(..., "--profile",
+                                                         help="Device profile(s); repeatable (one licence each)."),
+                      out: Path = typer.Option(..., "-o", "--out",
+                                               help="The licence file; with several --profile, a folder that "
+                                                    "gets one PROFILE-NAME.lic per device."),
+                      keys: Optional[Path] = typer.Option(None, "--keys",
+                                                          help="The content keys (default CONTAINER.keys)."),
+                      group: list[str] = typer.Option([], "--group", help="Wrap only this group; repeatable."),
+                      secret_file: Optional[Path] = typer.Option(None, "--secret-file", help="Vendor secret."),
+                      signing_key: Optional[Path] = typer.Option(None, "--signing-key",
+                                                                 help="Ed25519 private key (PEM) to sign it."),
+                      allow_weak_key: bool = typer.Option(False, "--allow-weak-key",
+                                                          help="Issue even if the key rests on too little "
+                                                               "entropy."),
+                      force: bool = typer.Option(False, "--force", help="Replace existing licence files.")) -> None:
+    """Wrap a locked model's content keys for one device per --profile (microseconds each)."""
+    from chiplock.api import inspect
+    from chiplock.license import ContentKeys, issue_license
+    from chiplock.profile import DeviceProfile
+
+    keys_path = keys or container.with_name(container.name.rstrip("/") + ".keys")
+    check_input(keys_path, "content keys file", "pass the OUT.keys file `chiplock lock` wrote (--keys FILE)",
+                KeyFileError)
+    content = ContentKeys.load(keys_path)
+    info = inspect(container)
+    if info["content_id"] != content.content_id.hex():
+        raise KeyFileError(f"{str(keys_path)!r} holds the keys of another model than {str(container)!r}; pass the "
+                           "keys file written when this model was locked")
+    secret = _read_secret(secret_file)
+    sign = _load_signing_key(signing_key) if signing_key is not None else None
+    many = len(profile) > 1
+    if many and not out.is_dir():
+        raise OutputError(f"with several --profile, -o must be an existing folder ({str(out)!r} is not)")
+    targets = [(p, out / (p.stem + ".lic") if many else out) for p in profile]
+    for p, target in targets:
+        check_input(p, "device profile", _ENROLL_HINT, ProfileError)
+        check_output(target, kind="file", inputs=[container, keys_path, p])
+        if target.exists() and not force:
+            raise OutputError(f"{str(target)!r} already exists; pass --force to replace it")
+    for p, target in targets:
+        lic = issue_license(content, DeviceProfile.load(p), secret=secret, groups=group or None,
+                            signing_key=sign, allow_weak_key=allow_weak_key)
+        lic.save(target)
+        console.print(f"licence for [bold]{p}[/] -> {target} (groups {', '.join(lic.groups)})")
+
+
 @app.command("inspect")
-def inspect_cmd(container: Path = typer.Argument(..., help="A chiplock container."),
+def inspect_cmd(container: Path = typer.Argument(..., help="A chiplock container, or a folder of them."),
                 as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show a container's public metadata (needs no key)."""
     from chiplock.api import inspect
 
-    check_input(container, "container", "check the path", ContainerError)
+    if not container.is_dir():
+        check_input(container, "container", "check the path", ContainerError)
     info = inspect(container)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
     out = Console()
+    sources = ", ".join(info["sources"]) or "-"
     out.print(f"[bold]{container}[/]: chiplock v{info['version']}, transform [bold]{info['transform']}[/], "
-              f"sources {', '.join(info['sources'])}, vendor secret {'required' if info['secret_required'] else 'no'}, "
-              f"{'signed' if info['signed'] else 'unsigned'}")
-    table = Table("tensor", "dtype", "shape")
+              f"licence {info['license']}, sources {sources}, "
+              f"vendor secret {'required' if info['secret_required'] else 'no'}, "
+              f"{'signed' if info['signed'] else 'unsigned'}"
+              + (f", {len(info['shards'])} shards" if info.get("shards") else ""))
+    table = Table("tensor", "group", "dtype", "shape")
     for name, t in info["tensors"].items():
-        table.add_row(name, t["dtype"], "x".join(map(str, t["shape"])) or "scalar")
+        table.add_row(name, t["group"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar")
     out.print(table)
     out.print(f"wrong key: {info['wrong_key']}")
 
@@ -266,7 +388,9 @@ def inspect_cmd(container: Path = typer.Argument(..., help="A chiplock container
 @app.command("demo")
 def demo_cmd(out: Path = typer.Option(Path("chiplock-report"), "--out", help="Report folder.")) -> None:
     """Lock a real MNIST model to this machine, show what another machine gets, write a report."""
-    from chiplock.demo import run_demo
+    # The demo ships beside chiplock (package chiplock_demo); its plotting and data packages are the `demo` extra,
+    # which run_demo checks before any work.
+    from chiplock_demo.demo import run_demo
 
     with console.status("demo") as status:
         report = run_demo(out, say=console.print, step=lambda s: (console.print(f"- {s}"), status.update(s)))

@@ -8,14 +8,15 @@ import os
 import platform
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, NoReturn
 
 from chiplock import _json
 from chiplock._json import show as _show
 from chiplock._io import atomic_write_bytes, read_capped
-from chiplock.errors import ProfileError
+from chiplock.errors import ChiplockError, ProfileError
 from chiplock.fingerprint import Enrollment, available_sources, get_source
+from chiplock.keys.kdf import ARGON2_MAX_MEMORY_KIB, KEY_LEN, KdfParams, MasterKDF, assemble_material
 
 PROFILE_VERSION = 1
 #: Caps on a profile file (see chiplock/container/spec.md): profiles hold a few sources' helper data.
@@ -26,9 +27,49 @@ MAX_ENROLLMENTS = 16
 MAX_MATERIAL_BYTES = 4096
 MAX_ENTROPY_BITS = 1 << 20
 MAX_HOST_CHARS = 1024
-_PROFILE_FIELDS = frozenset({"chiplock_profile", "created", "host", "enrollments"})
+_PROFILE_FIELDS = frozenset({"chiplock_profile", "created", "host", "enrollments", "device_key"})
 _ENROLLMENT_FIELDS = frozenset({"source", "helper", "material", "entropy_bits", "info"})
 _HEX = re.compile(r"[0-9a-fA-F]*")
+
+
+@dataclass(frozen=True)
+class DeviceKey:
+    """The device key: Argon2id over the device's fingerprint material (no vendor secret), with its parameters.
+
+    Licences wrap content keys under a key derived from it (:mod:`chiplock.license`); storing it in the profile
+    lets a vendor issue a licence in microseconds instead of one Argon2id run. It is as secret as the material.
+
+    Attributes:
+        kdf: The Argon2id parameters (with this device's salt) the key was derived with.
+        key: The 32-byte key (kept out of ``repr``).
+
+    Raises:
+        TypeError: ``kdf`` is not a :class:`~chiplock.keys.KdfParams` or ``key`` is not bytes.
+        ValueError: ``key`` is not 32 bytes.
+
+    Example:
+        >>> from chiplock.keys import INSECURE_FAST, KdfParams
+        >>> dk = DeviceKey.derive({"precision": b"material"}, KdfParams(**INSECURE_FAST))
+        >>> len(dk.key)
+        32
+    """
+
+    kdf: KdfParams
+    key: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kdf, KdfParams):
+            raise TypeError(f"kdf must be a KdfParams, got {type(self.kdf).__name__}")
+        if not isinstance(self.key, bytes) or len(self.key) != KEY_LEN:
+            raise ValueError(f"key must be {KEY_LEN} bytes; derive it with DeviceKey.derive(materials, kdf)")
+
+    @classmethod
+    def derive(cls, materials: Mapping[str, bytes], kdf: KdfParams) -> DeviceKey:
+        """Run Argon2id (:class:`~chiplock.keys.MasterKDF`) over ``assemble_material(materials, None)``."""
+        return cls(kdf=kdf, key=MasterKDF(params=kdf).derive(assemble_material(dict(materials), None)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kdf": self.kdf.to_json(), "key": self.key.hex()}
 
 
 @dataclass(frozen=True)
@@ -40,12 +81,15 @@ class DeviceProfile:
         created: Unix time of enrollment.
         host: Free-text description of the machine (public).
         version: Profile format version.
+        device_key: The stored :class:`DeviceKey` (``None`` in profiles enrolled before it existed: it is then
+            derived when needed, at one Argon2id run each time).
     """
 
     enrollments: tuple[Enrollment, ...]
     created: float = field(default_factory=time.time)
     host: str = field(default_factory=platform.node)
     version: int = PROFILE_VERSION
+    device_key: DeviceKey | None = None
 
     def __post_init__(self) -> None:
         if not self.enrollments:
@@ -57,6 +101,8 @@ class DeviceProfile:
             if not isinstance(e.helper, dict) or problem:
                 raise ValueError(f"the helper data of source {e.source!r} is not a plain JSON object "
                                  f"({problem or 'not a dict'}); this is a bug in that source")
+        if self.device_key is not None and not isinstance(self.device_key, DeviceKey):
+            raise TypeError("device_key must be a DeviceKey or None; use profile.with_device_key(kdf)")
 
     @property
     def sources(self) -> list[str]:
@@ -75,7 +121,18 @@ class DeviceProfile:
         bits = [e.entropy_bits for e in self.enrollments]
         return None if any(b is None for b in bits) else float(sum(bits))
 
+    def with_device_key(self, kdf: KdfParams | None = None) -> DeviceProfile:
+        """A copy of this profile carrying its device key, derived now (one Argon2id run with ``kdf``).
+
+        Use it to upgrade a profile enrolled without one: ``DeviceProfile.load(p).with_device_key().save(p)``.
+
+        Args:
+            kdf: Argon2id parameters; default :class:`~chiplock.keys.KdfParams` (fresh salt, about 0.4 s).
+        """
+        return replace(self, device_key=DeviceKey.derive(self.materials(), kdf or KdfParams()))
+
     def to_json(self) -> dict[str, Any]:
+        dk = {"device_key": self.device_key.to_json()} if self.device_key is not None else {}
         return {
             "chiplock_profile": self.version,
             "created": self.created,
@@ -85,7 +142,7 @@ class DeviceProfile:
                  "entropy_bits": e.entropy_bits, "info": e.info}
                 for e in self.enrollments
             ],
-        }
+        } | dk
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the profile as JSON (mode 0600, atomically). It holds key material: keep it private."""
@@ -124,7 +181,8 @@ class DeviceProfile:
         names = [e.source for e in enrollments]
         if len(set(names)) != len(names):
             _malformed("a source is enrolled twice")
-        return cls(enrollments=enrollments, created=float(created), host=host)
+        return cls(enrollments=enrollments, created=float(created), host=host,
+                   device_key=_device_key(data["device_key"]) if "device_key" in data else None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DeviceProfile:
@@ -159,6 +217,20 @@ def _malformed(why: str) -> NoReturn:
                        "`chiplock enroll -o FILE`")
 
 
+def _device_key(d: Any) -> DeviceKey:
+    if not (isinstance(d, dict) and set(d) == {"kdf", "key"}):
+        _malformed("device_key is not an object with kdf and key")
+    key = d["key"]
+    if not (isinstance(key, str) and len(key) == 2 * KEY_LEN and _HEX.fullmatch(key)):
+        _malformed(f"the device key is not {KEY_LEN} bytes of hex")
+    try:
+        # The profile is the vendor's own file: any cost Argon2id accepts is fine here.
+        kdf = KdfParams.from_json(d["kdf"], max_memory_kib=ARGON2_MAX_MEMORY_KIB)
+    except ChiplockError as exc:
+        _malformed(f"the device key's kdf: {str(exc).split(';')[0]}")
+    return DeviceKey(kdf=kdf, key=bytes.fromhex(key))
+
+
 def _enrollment(e: Any) -> Enrollment:
     """One enrollment, checked field by field so that a loaded profile never fails later in ``lock``."""
     if not isinstance(e, dict) or not {"source", "helper", "material"} <= set(e) or set(e) - _ENROLLMENT_FIELDS:
@@ -187,12 +259,14 @@ def _enrollment(e: Any) -> Enrollment:
 
 
 def enroll(sources: Iterable[str] = ("precision",), *,
-           options: Mapping[str, Mapping[str, Any]] | None = None) -> DeviceProfile:
+           options: Mapping[str, Mapping[str, Any]] | None = None, kdf: KdfParams | None = None) -> DeviceProfile:
     """Measure this device with each fingerprint source and return its profile.
 
     Args:
         sources: Names of registered sources (see :func:`chiplock.fingerprint.available_sources`).
         options: Per-source constructor options, e.g. ``{"precision": {"device": "cuda"}}``.
+        kdf: Argon2id parameters of the device key stored in the profile (derived here, once, so that issuing
+            a licence never runs Argon2id); default :class:`~chiplock.keys.KdfParams` (fresh salt, about 0.4 s).
 
     Returns:
         The :class:`DeviceProfile`; save it with ``profile.save(path)`` and keep it secret.
@@ -207,5 +281,8 @@ def enroll(sources: Iterable[str] = ("precision",), *,
     names = list(dict.fromkeys(sources))
     if not names:
         raise ValueError("sources is empty; pass at least one source name, e.g. ('precision',)")
+    if kdf is not None and not isinstance(kdf, KdfParams):
+        raise TypeError(f"kdf must be a KdfParams or None, got {type(kdf).__name__}")
     options = options or {}
-    return DeviceProfile(enrollments=tuple(get_source(n, **options.get(n, {})).enroll() for n in names))
+    profile = DeviceProfile(enrollments=tuple(get_source(n, **options.get(n, {})).enroll() for n in names))
+    return profile.with_device_key(kdf)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import chiplock
-from chiplock.container.format import header_digest
+from chiplock.container.schema import header_digest
 from chiplock.fingerprint import Enrollment
 from chiplock.keys import INSECURE_FAST, KdfParams
 
@@ -36,8 +36,12 @@ def fast_kdf() -> KdfParams:
 
 @pytest.fixture(scope="session")
 def profile() -> chiplock.DeviceProfile:
-    """This machine, enrolled once per test process with the precision source (a weak key: see above)."""
-    return chiplock.enroll()
+    """This machine, enrolled once per test process with the precision source (a weak key: see above).
+
+    Its stored device key uses the insecure fast Argon2id parameters, so tests that issue or open a licence with
+    the stored key stay fast.
+    """
+    return chiplock.enroll(kdf=KdfParams(**INSECURE_FAST))
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +55,7 @@ def wrong_profile(profile: chiplock.DeviceProfile) -> chiplock.DeviceProfile:
 @pytest.fixture(scope="session")
 def digits():
     """scikit-learn's 8x8 digits (offline), split 80/20 with a fixed seed."""
-    from chiplock.data import load_digits8
+    from chiplock_demo.data import load_digits8
 
     return load_digits8()
 
@@ -59,8 +63,8 @@ def digits():
 @pytest.fixture(scope="session")
 def trained_model(digits):
     """A SmallCNN (width 8) trained for a few epochs on the 8x8 digits (about 90 % test accuracy, ~2 s)."""
-    from chiplock.models import SmallCNN
-    from chiplock.training import accuracy, train_classifier
+    from chiplock_demo.models import SmallCNN
+    from chiplock_demo.training import accuracy, train_classifier
 
     # One thread: on a busy 2-core machine torch's thread pool is several times slower for these tiny ops.
     threads = torch.get_num_threads()
@@ -100,7 +104,11 @@ def assert_bit_exact() -> Callable[[torch.Tensor, torch.Tensor], None]:
 
 
 def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-    """Split a container into (chiplock metadata, raw safetensors header, tensor bytes)."""
+    """Split a container into (chiplock metadata, raw safetensors header, tensor bytes).
+
+    The metadata is the v3 JSON: ``groups`` (label -> transform, mac), ``tensors``, the embedded ``license`` (its
+    ``sources``, ``kdf``, ``secret`` and ``wraps``) in single-file mode, ``header_digest`` and ``signature``.
+    """
     raw = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])

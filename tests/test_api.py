@@ -123,18 +123,42 @@ def test_lock_returns_inspect_metadata_and_inspect_is_public(tmp_path, profile, 
     info = chiplock.inspect(tmp_path / "m.chiplock")
     assert meta == info
     json.dumps(info)  # machine-readable
-    from chiplock.container.format import FORMAT_VERSION
+    from chiplock.container.schema import FORMAT_VERSION
 
     assert info["format"] == "chiplock" and info["version"] == FORMAT_VERSION and info["transform"] == "pre-aes"
     assert info["sources"] == ["precision"] and info["secret_required"] is False and info["signed"] is False
-    assert info["tensors"] == {"conv.weight": {"dtype": "F32", "shape": [8, 1, 3, 3]},
-                               "fc.bias": {"dtype": "F16", "shape": [10]}}
+    assert info["tensors"] == {"conv.weight": {"dtype": "F32", "shape": [8, 1, 3, 3], "group": "main"},
+                               "fc.bias": {"dtype": "F16", "shape": [10], "group": "main"}}
+    assert info["groups"] == {"main": {"transform": "pre-aes", "tensors": 2}}
+    assert info["license"] == "embedded" and info["shard"] is None
+    assert isinstance(info["content_id"], str) and len(info["content_id"]) == 32
+    int(info["content_id"], 16)
+    assert info["helpers"] == {"precision": profile.enrollments[0].helper}
+    assert info["created_by"] == f"chiplock {chiplock.__version__}"
+    assert "salt" not in info["kdf"]
     assert info["total_bytes"] == (tmp_path / "m.chiplock").stat().st_size
     assert info["kdf"]["memory_kib"] == fast_kdf.memory_kib
     # inspect says plainly what a wrong key does, and that pre-aes falls to structural statistics.
     assert "structural statistics" in info["wrong_key"] and "milliseconds" in info["wrong_key"]
     chiplock.lock(w, tmp_path / "a.chiplock", profile, "aes", kdf=fast_kdf, allow_weak_key=True)
     assert "refused" in chiplock.inspect(tmp_path / "a.chiplock")["wrong_key"]
+    # Each lock draws a fresh content id.
+    assert chiplock.inspect(tmp_path / "a.chiplock")["content_id"] != info["content_id"]
+
+
+def test_inspect_of_a_mixed_file_lists_every_transform_and_group(tmp_path, profile, fast_kdf):
+    cfg = chiplock.LockConfig(transform="aes", groups=(chiplock.GroupConfig("head", "shuffle", ("fc.*",)),))
+    w = {"conv.weight": torch.randn(8, 1, 3, 3), "fc.weight": torch.randn(10, 4), "fc.bias": torch.zeros(10)}
+    info = chiplock.lock(w, tmp_path / "m.chiplock", profile, config=cfg, kdf=fast_kdf, allow_weak_key=True)
+    assert info["transform"] == ["aes", "shuffle"]
+    assert info["groups"] == {"main": {"transform": "aes", "tensors": 1}, "head": {"transform": "shuffle",
+                                                                                 "tensors": 2}}
+    assert {n: t["group"] for n, t in info["tensors"].items()} == {"conv.weight": "main", "fc.weight": "head",
+                                                                   "fc.bias": "head"}
+    # A content-mode file carries no licence: inspect says so, and shows no device data.
+    info = chiplock.lock(w, tmp_path / "c.chiplock", config=cfg, content_keys_path=tmp_path / "c.keys")
+    assert info["license"] == "separate (unlock with --license)"
+    assert info["sources"] == [] and info["helpers"] == {} and info["kdf"] is None
 
 
 def test_progress_callback_reports_every_tensor(tmp_path, profile, fast_kdf):
@@ -158,8 +182,8 @@ def _other_device(profile: DeviceProfile, seed: int) -> DeviceProfile:
 
 def test_pre_aes_wrong_device_scores_near_chance(tmp_path, profile, wrong_profile, fast_kdf, trained_model,
                                                  digits, assert_bit_exact):
-    from chiplock.models import SmallCNN
-    from chiplock.training import accuracy
+    from chiplock_demo.models import SmallCNN
+    from chiplock_demo.training import accuracy
 
     state = {k: v.clone() for k, v in trained_model.state_dict().items()}
     acc_ok = accuracy(trained_model, digits.x_test, digits.y_test)
@@ -188,7 +212,8 @@ def test_aes_and_shuffle_refuse_another_device(transform, tmp_path, profile, wro
                                                trained_model):
     chiplock.lock(trained_model.state_dict(), tmp_path / "m.chiplock", profile, transform, kdf=fast_kdf,
                   allow_weak_key=True)
-    with pytest.raises(InvalidKey, match="locked for another device.*ask the vendor for a file locked to this"):
+    with pytest.raises(InvalidKey, match="this licence is for another device.*ask the vendor for a licence issued "
+                                         "to this device"):
         chiplock.unlock(tmp_path / "m.chiplock", profile=wrong_profile)
 
 
@@ -200,12 +225,30 @@ def test_file_for_another_device_is_refused_when_measuring_this_one(tmp_path, wr
 
 
 def test_pre_aes_file_carries_no_key_check(tmp_path, profile, fast_kdf, container_io):
+    """Nothing in a pre-aes file depends on the device key but its AES-CTR wrap (no tag): a wrong device unwraps
+    a random content key and nothing tells it so."""
     chiplock.lock({"w": torch.randn(10)}, tmp_path / "p.chiplock", profile, "pre-aes", kdf=fast_kdf,
                   allow_weak_key=True)
     chiplock.lock({"w": torch.randn(10)}, tmp_path / "a.chiplock", profile, "aes", kdf=fast_kdf, allow_weak_key=True)
     read, _ = container_io
-    assert read(tmp_path / "p.chiplock")[0]["key_check"] is None
-    assert isinstance(read(tmp_path / "a.chiplock")[0]["key_check"], str)
+    p, a = read(tmp_path / "p.chiplock")[0], read(tmp_path / "a.chiplock")[0]
+    assert p["groups"] == {"main": {"transform": "pre-aes", "mac": None}}
+    (wrap,) = p["license"]["wraps"].values()
+    assert wrap["alg"] == "aes-256-ctr" and len(bytes.fromhex(wrap["wrapped"])) == 32  # no tag
+    assert len(bytes.fromhex(wrap["nonce"])) == 16
+    # The only fields that are not public descriptions: no key check, MAC or other keyed value anywhere.
+    assert set(p) == {"format", "version", "created_by", "content_id", "groups", "tensors", "license",
+                      "header_digest"}
+    assert set(p["license"]) == {"chiplock_license", "content_id", "sources", "kdf", "secret", "salt", "wraps"}
+    assert set(p["tensors"]["w"]) == {"group", "dtype", "shape", "params", "digest"}
+    # Another device gets an answer, never an error.
+    other = DeviceProfile(enrollments=(Enrollment(source="precision", helper=dict(profile.enrollments[0].helper),
+                                                  material=os.urandom(32)),))
+    assert set(chiplock.unlock(tmp_path / "p.chiplock", profile=other)) == {"w"}
+    # aes: an authenticated wrap (tag) and a group MAC.
+    (wrap,) = a["license"]["wraps"].values()
+    assert wrap["alg"] == "aes-256-gcm" and len(bytes.fromhex(wrap["wrapped"])) == 48
+    assert isinstance(a["groups"]["main"]["mac"], str) and len(a["groups"]["main"]["mac"]) == 64
 
 
 # --- vendor secret ------------------------------------------------------------------------------------------
@@ -218,7 +261,7 @@ def test_vendor_secret_required_wrong_and_unexpected(transform, tmp_path, profil
     chiplock.lock(w, path, profile, transform, secret=b"s3cret vendor secret", kdf=fast_kdf)
     assert chiplock.inspect(path)["secret_required"] is True
     assert_bit_exact(chiplock.unlock(path, profile=profile, secret=b"s3cret vendor secret")["w"], w["w"])
-    with pytest.raises(ProfileError, match=r"locked with a vendor secret; pass it"):
+    with pytest.raises(ProfileError, match=r"issued with a vendor secret; pass it"):
         chiplock.unlock(path, profile=profile)
     if transform == "pre-aes":
         out = chiplock.unlock(path, profile=profile, secret=b"wrong")
@@ -227,7 +270,7 @@ def test_vendor_secret_required_wrong_and_unexpected(transform, tmp_path, profil
         with pytest.raises(InvalidKey, match="another vendor secret"):
             chiplock.unlock(path, profile=profile, secret=b"wrong")
     chiplock.lock(w, path, profile, transform, kdf=fast_kdf, allow_weak_key=True)
-    with pytest.raises(ProfileError, match="locked without a vendor secret; do not pass one"):
+    with pytest.raises(ProfileError, match="issued without a vendor secret; do not pass one"):
         chiplock.unlock(path, profile=profile, secret=b"s3cret vendor secret")
 
 
@@ -315,9 +358,6 @@ def test_unknown_transform(tmp_path, profile, fast_kdf):
 def test_weights_files_missing_unreadable_or_unknown(tmp_path):
     with pytest.raises(ContainerError, match=r"not found; check the path"):
         load_weights(tmp_path / "nope.safetensors")
-    (tmp_path / "junk.safetensors").write_bytes(os.urandom(100))
-    with pytest.raises(ContainerError, match=r"could not read weights .*pass a safetensors file"):
-        load_weights(tmp_path / "junk.safetensors")
     (tmp_path / "junk.pt").write_bytes(b"not a pickle")
     with pytest.raises(ContainerError, match=r"could not read weights"):
         load_weights(tmp_path / "junk.pt")
@@ -326,6 +366,14 @@ def test_weights_files_missing_unreadable_or_unknown(tmp_path):
         load_weights(tmp_path / "w.npz")
     with pytest.raises(ContainerError, match="not found"):
         load_weights(tmp_path)  # a folder
+
+
+def test_junk_safetensors_input_is_named_as_the_input(tmp_path):
+    # The input is the user's plaintext model: the error must name it and not advise re-locking a container.
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 100)
+    with pytest.raises(ContainerError) as exc:
+        load_weights(tmp_path / "junk.safetensors")
+    assert "junk.safetensors" in str(exc.value) and "chiplock container" not in str(exc.value)
 
 
 def test_pt_file_with_code_is_refused(tmp_path):
@@ -383,17 +431,53 @@ def test_tampered_signed_file_fails(signed, profile, tmp_path, container_io):
     write(tmp_path / "t3.chiplock", m3, header, data)
     # 4. Re-signed by someone else.
     m4 = json.loads(json.dumps(m2))
-    from chiplock.container.format import canonical
+    from chiplock.container.schema import canonical
     other = Ed25519PrivateKey.generate()
     m4["signature"] = {"alg": "ed25519", "public_key": other.public_key().public_bytes_raw().hex(),
                        "sig": other.sign(canonical(m4)).hex()}
     write(tmp_path / "t4.chiplock", m4, header, data)
 
-    for name in ("t1", "t2", "t3", "t4"):
+    # 5. The embedded licence swapped for another (here: its wraps' nonces changed): the signature covers it.
+    m5 = json.loads(json.dumps(meta))
+    for w in m5["license"]["wraps"].values():
+        w["nonce"] = "00" * (len(w["nonce"]) // 2)
+    write(tmp_path / "t5.chiplock", m5, header, data)
+
+    for name in ("t1", "t2", "t3", "t4", "t5"):
         with pytest.raises(InvalidTag):
             chiplock.unlock(tmp_path / f"{name}.chiplock", profile=profile, verify_key=pub)
     with pytest.raises(InvalidTag, match="not signed but a vendor key was given; obtain a signed copy"):
         chiplock.unlock(tmp_path / "t3.chiplock", profile=profile, verify_key=pub)
+
+
+def test_malformed_verify_key_is_a_clear_error(signed, profile):
+    path, _, _ = signed
+    with pytest.raises(chiplock.KeyFileError, match="not a 32-byte Ed25519 public key"):
+        chiplock.unlock(path, profile=profile, verify_key=b"short")
+    with pytest.raises(TypeError, match="verify_key must be an Ed25519PublicKey or its 32 raw bytes"):
+        chiplock.unlock(path, profile=profile, verify_key="a string")
+
+
+def test_content_mode_signed_file_and_licence(tmp_path, profile, assert_bit_exact):
+    """A separate licence must carry the vendor's signature too when a vendor key is given."""
+    vendor = Ed25519PrivateKey.generate()
+    pub = vendor.public_key()
+    w = {"a": torch.randn(30)}
+    path = tmp_path / "m.chiplock"
+    chiplock.lock(w, path, transform="aes", signing_key=vendor, content_keys_path=tmp_path / "m.keys")
+    keys = chiplock.ContentKeys.load(tmp_path / "m.keys")
+    secret = b"vendor secret for the api tests"
+    signed_lic = chiplock.issue_license(keys, profile, secret=secret, signing_key=vendor)
+    assert_bit_exact(chiplock.unlock(path, profile=profile, secret=secret, license=signed_lic, verify_key=pub)["a"],
+                     w["a"])
+    unsigned = chiplock.issue_license(keys, profile, secret=secret)
+    with pytest.raises(InvalidTag, match="the licence is not signed"):
+        chiplock.unlock(path, profile=profile, secret=secret, license=unsigned, verify_key=pub)
+    other = chiplock.issue_license(keys, profile, secret=secret, signing_key=Ed25519PrivateKey.generate())
+    with pytest.raises(InvalidTag):
+        chiplock.unlock(path, profile=profile, secret=secret, license=other, verify_key=pub)
+    # Without a vendor key the licences open (their wraps authenticate them to the device).
+    chiplock.unlock(path, profile=profile, secret=secret, license=unsigned)
 
 
 def test_unsigned_file_with_verify_key_is_refused(tmp_path, profile, fast_kdf):
@@ -459,6 +543,9 @@ def test_interrupt_while_writing_leaves_no_partial_output(tmp_path, profile, fas
                 raise KeyboardInterrupt
             return self.fh.write(data)
 
+        def __getattr__(self, name):  # seek, flush, fileno: the streaming writer needs the real file.
+            return getattr(self.fh, name)
+
     import contextlib
 
     @contextlib.contextmanager
@@ -488,11 +575,11 @@ def test_failed_lock_never_touches_the_input_file(tmp_path, profile, fast_kdf):
 
 def test_key_material_never_appears_in_errors_logs_or_files(tmp_path, profile, wrong_profile, fast_kdf, caplog,
                                                             container_io):
-    from chiplock.api import _master_key
-    from chiplock.keys import KdfParams
+    from chiplock.license import License, _kek, open_license
 
     secret = b"vendor-secret-0123456789"
-    secrets = [profile.enrollments[0].material, wrong_profile.enrollments[0].material, secret]
+    secrets = [profile.enrollments[0].material, wrong_profile.enrollments[0].material, secret,
+               profile.device_key.key]
     caplog.set_level(logging.DEBUG)
     errors: list[BaseException] = []
 
@@ -511,7 +598,16 @@ def test_key_material_never_appears_in_errors_logs_or_files(tmp_path, profile, w
             expect_error(chiplock.unlock, paths[tf], profile=wrong_profile, secret=secret)
     read, write = container_io
     meta, header, data = read(paths["aes"])
-    secrets.append(_master_key(profile.materials(), secret, KdfParams.from_json(meta["kdf"])))
+    # The content keys, the device key of the licence and its KEK: none may leak.
+    for path in paths.values():
+        m = read(path)[0]
+        lic = License.from_json(m["license"])
+        cks = open_license(lic, content_id=bytes.fromhex(m["content_id"]),
+                           transforms={k: g["transform"] for k, g in m["groups"].items()}, profile=profile,
+                           secret=secret)
+        secrets.extend(cks.values())
+        dk = chiplock.license.DeviceKey.derive(profile.materials(), lic.kdf).key
+        secrets.extend([dk, _kek(dk, secret, lic.salt)])
     write(tmp_path / "bad.chiplock", meta, header, data[:-1] + bytes([data[-1] ^ 1]))
     expect_error(chiplock.unlock, tmp_path / "bad.chiplock", profile=profile, secret=secret)
     bad_profile = profile.to_json()
@@ -539,3 +635,137 @@ def test_short_vendor_secret_is_not_a_secret(tmp_path, profile, fast_kdf, secret
     assert not out.exists()
     with pytest.warns(chiplock.LowEntropyWarning, match="only"):
         chiplock.lock({"w": torch.zeros(2)}, out, profile, secret=secret, kdf=fast_kdf, allow_weak_key=True)
+
+
+# --- streaming: iter_unlock, unlock_to_file, load_state_dict ----------------------------------------------------
+
+
+def _flip_last_tensor(path: Path, container_io) -> str:
+    """Flip one stored byte of the last non-empty tensor in file order (header untouched); return its name."""
+    read, write = container_io
+    meta, header, data = read(path)
+    entries = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+    (begin, end), name = [e for e in entries if e[0][1] > e[0][0]][-1]
+    flipped = bytearray(data)
+    flipped[(begin + end) // 2] ^= 0x10
+    write(path, meta, header, bytes(flipped), redigest=False)
+    return name
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_iter_unlock_yields_in_file_order_and_stops_at_a_tampered_tensor(transform, tmp_path, profile, fast_kdf,
+                                                                       container_io, assert_bit_exact):
+    g = torch.Generator().manual_seed(3)
+    w = {f"z{i}" if i % 2 else f"a{i}": torch.randn(50 + i, generator=g) for i in range(6)}  # not sorted by name
+    path = tmp_path / "m.chiplock"
+    chiplock.lock(w, path, profile, transform, kdf=fast_kdf, allow_weak_key=True)
+    got = list(chiplock.iter_unlock(path, profile=profile))
+    assert [n for n, _ in got] == list(w)
+    for name, t in got:
+        assert_bit_exact(t, w[name], name)
+    last = _flip_last_tensor(path, container_io)
+    assert last == list(w)[-1]
+    seen = []
+    with pytest.raises(InvalidTag) as exc:
+        for name, t in chiplock.iter_unlock(path, profile=profile):
+            assert_bit_exact(t, w[name], name)
+            seen.append(name)
+    assert seen == list(w)[:-1], "the earlier, intact tensors are yielded before the altered one is refused"
+    assert str(exc.value) == str(InvalidTag())
+    # unlock is all or nothing.
+    with pytest.raises(InvalidTag):
+        chiplock.unlock(path, profile=profile)
+
+
+@pytest.mark.parametrize("transform", ["aes", "pre-aes"])
+def test_unlock_to_file_writes_plain_safetensors(transform, tmp_path, profile, fast_kdf, tensor_factory,
+                                                 assert_bit_exact):
+    import stat
+
+    from safetensors.torch import load_file
+
+    w = all_kinds(tensor_factory)
+    path = tmp_path / "m.chiplock"
+    chiplock.lock(w, path, profile, transform, kdf=fast_kdf, allow_weak_key=True)
+    out = tmp_path / "plain.safetensors"
+    chiplock.unlock_to_file(path, out, profile=profile)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    got = load_file(str(out))
+    assert set(got) == set(w)
+    for name, t in w.items():
+        assert_bit_exact(got[name], t, name)
+    # Partial unlock by group, and never over a container.
+    chiplock.unlock_to_file(path, out, profile=profile, groups=["main"])
+    other = tmp_path / "other.chiplock"
+    other.write_bytes(path.read_bytes())
+    with pytest.raises(chiplock.OutputError, match="is a chiplock container"):
+        chiplock.unlock_to_file(path, other, profile=profile, force=True)
+    assert other.read_bytes() == path.read_bytes()
+
+
+def test_unlock_to_file_leaves_nothing_on_a_tampered_file(tmp_path, profile, fast_kdf, container_io):
+    w = {f"t{i}": torch.randn(300) for i in range(4)}
+    path = tmp_path / "m.chiplock"
+    chiplock.lock(w, path, profile, "aes", kdf=fast_kdf, allow_weak_key=True)
+    _flip_last_tensor(path, container_io)
+    before = _snapshot(tmp_path)
+    with pytest.raises(InvalidTag):
+        chiplock.unlock_to_file(path, tmp_path / "plain.safetensors", profile=profile)
+    assert _snapshot(tmp_path) == before, "a partial plaintext output or a temporary file was left"
+    # An existing output is kept as it was.
+    (tmp_path / "plain.safetensors").write_bytes(b"previous")
+    with pytest.raises(InvalidTag):
+        chiplock.unlock_to_file(path, tmp_path / "plain.safetensors", profile=profile, force=True)
+    assert (tmp_path / "plain.safetensors").read_bytes() == b"previous"
+
+
+def _net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 6 * 6, 10, bias=False))
+
+
+@pytest.mark.parametrize("transform", ["shuffle", "pre-aes"])
+def test_load_state_dict_equals_loading_the_unlocked_weights(transform, tmp_path, profile, fast_kdf):
+    torch.manual_seed(0)
+    src = _net()
+    src[1].running_mean.normal_()
+    src[1].num_batches_tracked.fill_(7)
+    path = tmp_path / "m.chiplock"
+    chiplock.lock(src.state_dict(), path, profile, transform, kdf=fast_kdf, allow_weak_key=True)
+
+    want = _net()
+    want.load_state_dict(chiplock.unlock(path, profile=profile))
+    got = _net()
+    missing, unexpected = chiplock.load_state_dict(got, path, profile=profile)
+    assert missing == [] and unexpected == []
+    with torch.device("meta"):
+        lazy = _net()
+    assert next(lazy.parameters()).is_meta
+    chiplock.load_state_dict(lazy, path, profile=profile)
+    for model in (got, lazy):
+        sd = model.state_dict()
+        assert list(sd) == list(want.state_dict())
+        for name, t in want.state_dict().items():
+            assert not sd[name].is_meta and sd[name].dtype == t.dtype and torch.equal(sd[name], t), name
+        assert all(p.requires_grad for p in model.parameters())
+        x = torch.randn(2, 1, 8, 8)
+        model.eval()
+        want.eval()
+        assert torch.equal(model(x), want(x))
+    # Equal to the source weights (the right device).
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), src.state_dict().values()))
+
+
+def test_load_state_dict_reports_names_and_refuses_shapes(tmp_path, profile, fast_kdf):
+    path = tmp_path / "m.chiplock"
+    sd = _net().state_dict()
+    sd["extra.weight"] = torch.zeros(3)
+    del sd["3.weight"]
+    chiplock.lock(sd, path, profile, "aes", kdf=fast_kdf, allow_weak_key=True)
+    with pytest.raises(ContainerError, match=r"missing \['3.weight'\], unexpected \['extra.weight'\].*strict=False"):
+        chiplock.load_state_dict(_net(), path, profile=profile)
+    assert chiplock.load_state_dict(_net(), path, profile=profile, strict=False) == (["3.weight"], ["extra.weight"])
+    bigger = torch.nn.Sequential(torch.nn.Conv2d(1, 5, 3))
+    with pytest.raises(ContainerError, match=r"tensor '0.weight' has shape \(4, 1, 3, 3\) in the file but "
+                                             r"\(5, 1, 3, 3\) in the model"):
+        chiplock.load_state_dict(bigger, path, profile=profile, strict=False)

@@ -105,8 +105,9 @@ def test_inspect_json_needs_no_key(files, capsys):
     code, out, err = _cli(["inspect", "m.chiplock", "--json"], capsys, files)
     assert code == 0, err
     info = json.loads(out)
-    assert info["tensors"]["w"] == {"dtype": "F32", "shape": [64, 32]}
-    assert info["transform"] == "aes" and info["signed"]
+    assert info["tensors"]["w"] == {"dtype": "F32", "shape": [64, 32], "group": "main"}
+    assert info["transform"] == "aes" and info["signed"] and info["license"] == "embedded"
+    assert info["groups"] == {"main": {"transform": "aes", "tensors": 2}}
 
 
 def test_signed_container_unlocks_with_the_vendor_key(files, capsys, tmp_path):
@@ -156,7 +157,7 @@ BAD = {
     "unlock: container under a file": (["unlock", "secret/m.chiplock", "--secret-file", "secret"],
                                        "runs through a file"),
     "unlock: container path too long": (["unlock", LONG, "--secret-file", "secret"], "too long"),
-    "unlock: container is a folder": (["unlock", "sub", "--secret-file", "secret"], "is a folder"),
+    "unlock: container is a folder": (["unlock", "sub", "--secret-file", "secret"], "holds no *.chiplock container"),
     "unlock: not a container": (["unlock", "plain.safetensors", "--secret-file", "secret"],
                                 "not an intact chiplock container"),
     "unlock: secret file missing": (["unlock", "m.chiplock", "--secret-file", "nope"],
@@ -270,7 +271,7 @@ def test_console_script_errors_are_one_unwrapped_line(files, argv, want):
 
 @pytest.mark.slow
 def test_demo_writes_report_with_authorized_and_unauthorized_accuracy(tmp_path):
-    from chiplock.demo import run_demo
+    from chiplock_demo.demo import run_demo
 
     report = run_demo(tmp_path / "report", say=lambda s: None)
     data = json.loads((tmp_path / "report" / "report.json").read_text())

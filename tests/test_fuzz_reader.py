@@ -1,4 +1,4 @@
-"""Fuzz the readers: containers (every transform, signed and unsigned) and device profiles.
+"""Fuzz the readers: containers (every transform, two groups, content mode; signed and unsigned) and device profiles.
 
 Pass: whatever the input, only :class:`~chiplock.ChiplockError` subclasses escape ``inspect``, ``unlock`` and
 ``DeviceProfile.load`` (and ``lock`` with a profile that loaded), and no input takes more than
@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import chiplock
 from chiplock import ChiplockError, DeviceProfile
-from chiplock.container.format import canonical, header_digest
+from chiplock.container.schema import canonical, header_digest
 from chiplock.keys import INSECURE_FAST, KdfParams
 
 # Slow (about 20 s for the 2,000 inputs): `make test` runs it, `make test-fast` does not.
@@ -42,6 +42,9 @@ TIME_LIMIT_S = 10.0
 SECRET = b"vendor secret for the fuzzer"
 VENDOR = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 TRANSFORMS = ("aes", "shuffle", "pre-aes")
+#: Valid files the mutations start from: one per transform, one with two groups of two transforms (aes + shuffle),
+#: and a content-mode file (no embedded licence: unlock asks for one, the reader still checks everything).
+KINDS = TRANSFORMS + ("groups", "content")
 STATS: dict[str, Any] = {"inputs": 0, "max_s": 0.0, "slowest": None, "by_test": {}}
 
 
@@ -82,12 +85,20 @@ def valid_files(profile, workdir) -> dict[tuple[str, bool], bytes]:
          "b": torch.randn(3, 5, generator=torch.Generator().manual_seed(1)).half(),
          "c": torch.tensor([1, 2, 3], dtype=torch.int8), "d": torch.tensor(2.5, dtype=torch.bfloat16)}
     files = {}
-    for tf in TRANSFORMS:
+    for kind in KINDS:
         for signed in (False, True):
-            path = workdir / f"{tf}-{signed}.chiplock"
-            chiplock.lock(w, path, profile, tf, secret=SECRET, kdf=KdfParams(**INSECURE_FAST),
-                          signing_key=VENDOR if signed else None)
-            files[(tf, signed)] = path.read_bytes()
+            path = workdir / f"{kind}-{signed}.chiplock"
+            key = VENDOR if signed else None
+            if kind == "groups":
+                cfg = chiplock.LockConfig(transform="aes", groups=(chiplock.GroupConfig("head", "shuffle", ("b",)),))
+                chiplock.lock(w, path, profile, config=cfg, secret=SECRET, kdf=KdfParams(**INSECURE_FAST),
+                              signing_key=key)
+            elif kind == "content":
+                chiplock.lock(w, path, transform="pre-aes", content_keys_path=workdir / f"{kind}-{signed}.keys",
+                              signing_key=key)
+            else:
+                chiplock.lock(w, path, profile, kind, secret=SECRET, kdf=KdfParams(**INSECURE_FAST), signing_key=key)
+            files[(kind, signed)] = path.read_bytes()
     return files
 
 
@@ -132,7 +143,7 @@ flips = st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255
 
 
 @_settings(0.2)
-@given(which=st.sampled_from(TRANSFORMS), signed=st.booleans(), flips=flips, in_header=st.booleans(),
+@given(which=st.sampled_from(KINDS), signed=st.booleans(), flips=flips, in_header=st.booleans(),
        cut=st.one_of(st.none(), st.floats(0, 1)), extra=st.binary(max_size=16))
 def test_byte_mutations(which, signed, flips, in_header, cut, extra, valid_files, profile, workdir):
     data = bytearray(valid_files[(which, signed)])
@@ -163,9 +174,11 @@ RAW = [Raw("NaN"), Raw("Infinity"), Raw("-Infinity"), Raw("1e999"), Raw("-1e999"
        Raw("{\"a\":" * 100 + "1" + "}" * 100), Raw('"\\ud800"'), Raw('"a\\udfffb"'), Raw('"\\ud83d\\ude00"'),
        Raw('{"k":1,"k":2}'), Raw("[" + ",".join(["140737488355327"] * 60_000) + "]"),
        Raw("[" + ",".join(["{}"] * 20_000) + "]"), Raw('"\\u0000"'), Raw("-0"), Raw("1E+2"), Raw("0.0000001")]
-HEXES = ["0" * 32, "0" * 64, "0" * 128, "ab" * 16, "AB" * 16, "zz" * 16, "0" * 31, "0" * 63, "0" * 127, ""]
+HEXES = ["0" * 32, "0" * 64, "0" * 128, "ab" * 16, "AB" * 16, "zz" * 16, "0" * 31, "0" * 63, "0" * 127, "",
+         "0" * 24, "0" * 96]
 WORDS = ["aes", "shuffle", "pre-aes", "ed25519", "argon2id", "F32", "U16", "U64", "BOOL", "F8_E4M3", "C64",
-         "precision", "sram", "__metadata__", "\x00", "\ud800", "a\udfffb", "x" * 2000, "chiplock", "model", "raw"]
+         "precision", "sram", "__metadata__", "\x00", "\ud800", "a\udfffb", "x" * 2000, "chiplock", "model", "raw",
+         "main", "aes-256-gcm", "aes-256-ctr"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
                     st.sampled_from([0, 1, -1, 2, 7, 8, 16, 64, 65, 1000, 1001, 2**31, 2**47 - 1, 2**48, 2**63,
                                      2**64, 10**40, 256, 257, 1 << 20, (1 << 20) + 1, 4 << 20]),
@@ -211,7 +224,8 @@ def _mutate(value: Any, draw, depth: int = 0) -> Any:
             del value[draw(st.integers(0, len(value) - 1))]
         return value
     if isinstance(value, dict):
-        value[draw(st.sampled_from(["extra", "", "__metadata__", "signature", "header_mac", "alg", "dtype"]))] = \
+        value[draw(st.sampled_from(["extra", "", "__metadata__", "signature", "mac", "alg", "dtype", "license",
+                                    "group", "wraps", "shard", "transform"]))] = \
             draw(nasty)
     else:
         value.append(draw(nasty))
@@ -250,7 +264,7 @@ def _rebuild(raw: bytes, draw) -> bytes:
 
 
 @_settings(0.5)
-@given(which=st.sampled_from(TRANSFORMS), signed=st.booleans(), data=st.data())
+@given(which=st.sampled_from(KINDS), signed=st.booleans(), data=st.data())
 def test_structural_mutations(which, signed, data, valid_files, profile, workdir):
     mutated = _rebuild(valid_files[(which, signed)], data.draw)
     _exercise(mutated, profile, workdir, "container structure", signed)

@@ -45,22 +45,68 @@ def test_aes_rewritten_nonce_is_refused(tmp_path, weights, profile, fast_kdf, co
 
 
 @pytest.mark.parametrize("transform", ["aes", "shuffle"])
-@pytest.mark.parametrize("tamper", ["created_by", "drop_mac", "swap_mac"])
+@pytest.mark.parametrize("tamper", ["created_by", "params", "drop_mac", "swap_mac", "regroup"])
 def test_rewritten_header_is_refused(tmp_path, weights, profile, fast_kdf, container_io, transform, tamper):
+    """Each rewrite keeps the header well formed and recomputes its unkeyed digest, as a tamperer would; the
+    group's MAC under the content key (which the right device opens) refuses it."""
     read, write = container_io
     path = _lock(tmp_path, weights, profile, fast_kdf, transform)
     meta, header, data = read(path)
-    assert isinstance(meta.get("header_mac"), str) and len(meta["header_mac"]) == 64
+    mac = meta["groups"]["main"]["mac"]
+    assert isinstance(mac, str) and len(mac) == 64
     if tamper == "created_by":
         meta["created_by"] = "someone else"
+    elif tamper == "params":
+        # aes: the nonce; shuffle: the block size (the stored bytes' digest still matches: only the MAC can tell).
+        params = meta["tensors"]["w"]["params"]
+        if "nonce" in params:
+            params["nonce"] = params["nonce"][:-1] + ("0" if params["nonce"][-1] != "0" else "1")
+        else:
+            params["block"] //= 2
     elif tamper == "drop_mac":
-        del meta["header_mac"]
-    else:
-        # Another file for the same device (fresh salt, so another file key): its MAC must not transfer.
+        # A group without its MAC is malformed for aes/shuffle (the reader refuses it before any key work).
+        meta["groups"]["main"]["mac"] = None
+    elif tamper == "swap_mac":
+        # Another file for the same device (another content key): its MAC must not transfer.
         other = _lock(tmp_path / "..", weights, profile, KdfParams(**INSECURE_FAST), transform)
-        meta["header_mac"] = read(other)[0]["header_mac"]
+        meta["groups"]["main"]["mac"] = read(other)[0]["groups"]["main"]["mac"]
+    elif tamper == "regroup":
+        # Move tensor "b" to a new group that reuses main's MAC and transform; the licence has no wrap for it.
+        meta["groups"]["extra"] = dict(meta["groups"]["main"])
+        meta["tensors"]["b"]["group"] = "extra"
     write(path, meta, header, data)
-    with pytest.raises(InvalidTag):
+    if tamper == "drop_mac":
+        with pytest.raises(chiplock.ContainerError, match="lacks its 32-byte header MAC"):
+            chiplock.unlock(path, profile=profile, secret=SECRET)
+        return
+    if tamper == "regroup":
+        # The licence cannot open "extra"; the whole file is refused, and "main" alone fails its MAC.
+        with pytest.raises(chiplock.ProfileError, match="does not hold group 'extra'"):
+            chiplock.unlock(path, profile=profile, secret=SECRET)
+    with pytest.raises(InvalidTag) as exc:
+        chiplock.unlock(path, profile=profile, secret=SECRET, groups=["main"])
+    assert str(exc.value) == str(InvalidTag()), "authentication failures carry no detail"
+
+
+@pytest.mark.parametrize("transform", ["aes", "shuffle"])
+def test_licence_is_outside_the_mac_but_authenticated_by_its_wrap(tmp_path, weights, profile, fast_kdf,
+                                                                   container_io, transform):
+    """The MAC covers the content's description, not the licence: a re-issued licence for the same content
+    keys keeps the file valid, and an altered licence fails its own AES-GCM wrap (InvalidKey)."""
+    read, write = container_io
+    path = tmp_path / "c.chiplock"
+    keys_path = tmp_path / "c.keys"
+    chiplock.lock(weights, path, transform=transform, content_keys_path=keys_path)
+    meta, header, data = read(path)
+    assert meta.get("license") is None
+    lic = chiplock.issue_license(chiplock.ContentKeys.load(keys_path), profile, secret=SECRET)
+    meta["license"] = lic.to_json()
+    write(path, meta, header, data)
+    got = chiplock.unlock(path, profile=profile, secret=SECRET)
+    assert all(torch.equal(got[k], weights[k]) for k in weights)
+    meta["license"]["salt"] = "00" * 16
+    write(path, meta, header, data)
+    with pytest.raises(InvalidKey):
         chiplock.unlock(path, profile=profile, secret=SECRET)
 
 
@@ -73,7 +119,9 @@ def test_wrong_device_is_invalid_key_not_invalid_tag(tmp_path, weights, profile,
 
 
 def test_pre_aes_has_no_keyed_header_check(tmp_path, weights, profile, fast_kdf, container_io):
+    """Nothing keyed in a pre-aes file: no group MAC, and the licence wrap is unauthenticated AES-CTR."""
     read, _ = container_io
     path = _lock(tmp_path, weights, profile, fast_kdf, "pre-aes")
     meta = read(path)[0]
-    assert meta.get("header_mac") is None and meta.get("key_check") is None
+    assert meta["groups"] == {"main": {"transform": "pre-aes", "mac": None}}
+    assert {w["alg"] for w in meta["license"]["wraps"].values()} == {"aes-256-ctr"}

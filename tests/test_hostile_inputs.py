@@ -14,7 +14,6 @@ import torch
 import chiplock
 from chiplock._io import file_kind
 from chiplock.cli import run
-from chiplock.errors import ChiplockError
 from chiplock.fingerprint import get_source
 from chiplock.keys import INSECURE_FAST, KdfParams
 
@@ -34,14 +33,57 @@ def locked(tmp_path, profile):
     return path
 
 
+@pytest.mark.parametrize("transform", ["pre-aes", "aes"])
 @pytest.mark.parametrize("device", ["mps", 1, None, "cuda:0"])
-def test_crafted_precision_device_is_one_clear_error_on_the_device(locked, container_io, device):
+def test_crafted_precision_device_is_one_clear_error_on_the_device(tmp_path, profile, container_io, transform,
+                                                                   device):
+    # The helper lives in the embedded licence. pre-aes wraps are unauthenticated (AES-CTR), so the device meets
+    # the crafted helper before any check: the source refuses it with one clear error, never a traceback.
+    path = tmp_path / "m.chiplock"
+    chiplock.lock({"w": torch.randn(16, 8)}, path, profile, transform, SECRET, kdf=KdfParams(**INSECURE_FAST))
     read, write = container_io
-    meta, header, data = read(locked)
-    meta["sources"][0]["helper"]["device"] = device
-    write(locked, meta, header, data)
-    with pytest.raises(ChiplockError):
-        chiplock.unlock(locked, secret=SECRET)  # measures this device from the file's helper
+    meta, header, data = read(path)
+    meta["license"]["sources"][0]["helper"]["device"] = device
+    write(path, meta, header, data)
+    with pytest.raises(chiplock.FingerprintError, match="the file is damaged, obtain a fresh copy"):
+        chiplock.unlock(path, secret=SECRET)  # measures this device from the licence's helper
+
+
+@pytest.mark.parametrize("transform", ["pre-aes", "aes"])
+def test_helper_the_source_accepts_but_was_changed(tmp_path, profile, container_io, transform):
+    # An AES-GCM wrap's associated data covers the sources and their helpers: a changed helper the source still
+    # accepts is refused as an altered licence. A pre-aes wrap has no check to fail (by design): no error.
+    path = tmp_path / "m.chiplock"
+    chiplock.lock({"w": torch.randn(16, 8)}, path, profile, transform, SECRET, kdf=KdfParams(**INSECURE_FAST))
+    read, write = container_io
+    meta, header, data = read(path)
+    meta["license"]["sources"][0]["helper"]["extra"] = 1
+    write(path, meta, header, data)
+    if transform == "aes":
+        with pytest.raises(chiplock.InvalidKey, match="or it was altered"):
+            chiplock.unlock(path, secret=SECRET)
+    else:
+        assert set(chiplock.unlock(path, secret=SECRET)) == {"w"}
+
+
+@pytest.mark.parametrize("exc", [KeyError, TypeError, ValueError, IndexError, OverflowError, MemoryError])
+def test_source_tripping_over_a_crafted_helper_is_a_container_error(locked, monkeypatch, exc):
+    # Whatever a source raises on a helper it failed to bound, the device gets one ContainerError.
+    import chiplock.license as license_mod
+
+    real = license_mod.get_source
+
+    class Tripping:
+        def __init__(self, src):
+            self.src = src
+
+        def reproduce(self, helper):
+            raise exc("crafted")
+
+    monkeypatch.setattr(license_mod, "get_source", lambda name, **kw: Tripping(real(name, **kw)))
+    with pytest.raises(chiplock.ContainerError, match="public helper data for fingerprint source 'precision' is "
+                                                      "malformed"):
+        chiplock.unlock(locked, secret=SECRET)
 
 
 @pytest.mark.parametrize("field, value", [("rounds", 2000), ("rounds", "x"), ("profiles", 40), ("profiles", -1),

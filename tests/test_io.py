@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import chiplock
 import chiplock._io as io
-from chiplock.container.format import build_header
+from chiplock.container.writer import build_header
 from chiplock.errors import FileAccessError, OutputError
 from chiplock.keys import INSECURE_FAST, KdfParams
 
@@ -49,7 +49,7 @@ def _names(folder) -> list[str]:
 
 
 def _container(path) -> None:
-    path.write_bytes(build_header({"format": "chiplock", "version": 1}, []))
+    path.write_bytes(build_header({"format": "chiplock", "version": 3}, []))
 
 
 def _plain(path) -> None:
@@ -290,11 +290,15 @@ def test_os_error_messages_name_the_path_and_what_to_do():
 @pytest.fixture
 def no_key_derivation(monkeypatch):
     import chiplock.api as api
+    import chiplock.profile
 
     def boom(*a, **kw):
-        raise AssertionError("key derivation ran before the output was checked")
+        raise AssertionError("key work ran before the output was checked")
 
-    monkeypatch.setattr(api, "_master_key", boom)
+    # Drawing content keys, issuing the embedded licence, or any Argon2id run.
+    monkeypatch.setattr(api.ContentKeys, "new", classmethod(boom))
+    monkeypatch.setattr(api, "issue_license", boom)
+    monkeypatch.setattr(chiplock.profile.DeviceKey, "derive", classmethod(boom))
 
 
 def test_lock_refuses_to_overwrite_its_input_before_deriving_a_key(tmp_path, profile, no_key_derivation):

@@ -194,3 +194,56 @@ def test_save_refuses_non_finite_info(tmp_path):
     with pytest.raises(ProfileError, match="NaN or an infinity in a source's info"):
         p.save(tmp_path / "p.json")
     assert not (tmp_path / "p.json").exists()
+
+
+# The device key (issue 9): stored at enrollment so that issuing a licence never runs Argon2id.
+
+def _fast_kdf():
+    from chiplock.keys import INSECURE_FAST, KdfParams
+
+    return KdfParams(**INSECURE_FAST)
+
+
+def test_enroll_stores_the_device_key(tmp_path):
+    from chiplock.profile import DeviceKey
+
+    kdf = _fast_kdf()
+    p = chiplock.enroll(kdf=kdf)
+    assert p.device_key == DeviceKey.derive(p.materials(), kdf)
+    assert p.device_key.key != DeviceKey.derive(p.materials(), _fast_kdf()).key  # the salt is per device
+    p.save(tmp_path / "p.json")
+    loaded = DeviceProfile.load(tmp_path / "p.json")
+    assert loaded.device_key == p.device_key and loaded == p
+    assert p.device_key.key.hex() not in repr(p)
+    with pytest.raises(TypeError, match="kdf must be a KdfParams"):
+        chiplock.enroll(kdf={"iterations": 1})
+
+
+def test_profiles_without_a_device_key_still_load_and_build(tmp_path):
+    doc = {"chiplock_profile": 1, "enrollments": [_enrollment()]}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(doc))
+    old = DeviceProfile.load(path)
+    assert old.device_key is None and "device_key" not in old.to_json()
+    upgraded = old.with_device_key(_fast_kdf())
+    assert upgraded.device_key is not None and upgraded.enrollments == old.enrollments
+    assert DeviceProfile(enrollments=old.enrollments).device_key is None
+    with pytest.raises(TypeError, match="device_key must be a DeviceKey"):
+        DeviceProfile(enrollments=old.enrollments, device_key=b"k" * 32)
+
+
+@pytest.mark.parametrize("dk,match", [
+    ("ab" * 32, r"device_key is not an object with kdf and key"),
+    ({"key": "ab" * 32}, r"device_key is not an object with kdf and key"),
+    ({"kdf": {}, "key": "ab" * 31}, r"the device key is not 32 bytes of hex"),
+    ({"kdf": {}, "key": 7}, r"the device key is not 32 bytes of hex"),
+    ({"kdf": {"algorithm": "scrypt"}, "key": "ab" * 32}, r"the device key's kdf: unsupported KDF 'scrypt'"),
+    ({"kdf": {"algorithm": "argon2id", "salt": "00" * 16, "iterations": "1", "lanes": 1, "memory_kib": 8},
+      "key": "ab" * 32}, r"the device key's kdf: the file's key-derivation parameters are malformed"),
+])
+def test_device_key_field_is_checked(tmp_path, dk, match):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"chiplock_profile": 1, "enrollments": [_enrollment()], "device_key": dk}))
+    with pytest.raises(ProfileError, match=match) as exc:
+        DeviceProfile.load(path)
+    assert str(exc.value).endswith("re-enroll the device with `chiplock enroll -o FILE`")

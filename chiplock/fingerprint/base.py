@@ -15,7 +15,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from chiplock.errors import UnsupportedConfig
+from chiplock.registry import Option, Registry
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,19 @@ class Enrollment:
 
 
 class FingerprintSource(abc.ABC):
-    """A hardware fingerprint source. Subclasses register themselves with :func:`register_source`."""
+    """A hardware fingerprint source. Subclasses register themselves with :func:`register_source`.
+
+    Class attributes a source declares:
+        name: The registered name (``enroll(("name",))``, ``--source name``).
+        strength_group: Sources in one group are expected to be correlated (an attacker who reproduces one
+            reproduces the others), so :func:`chiplock.keys.combine.key_strength` credits only the largest
+            estimate in a group. ``None``: the source is its own group.
+        cli_options: Constructor keywords ``chiplock fingerprint`` exposes, as :class:`chiplock.registry.Option`.
+    """
 
     name: ClassVar[str]
+    strength_group: ClassVar[str | None] = None
+    cli_options: ClassVar[tuple[Option, ...]] = ()
 
     @abc.abstractmethod
     def enroll(self) -> Enrollment:
@@ -56,18 +66,33 @@ class FingerprintSource(abc.ABC):
         """
 
 
-_REGISTRY: dict[str, type[FingerprintSource]] = {}
+#: Name -> source class (see :mod:`chiplock.registry`; ``docs/extending.md`` adds one).
+SOURCES: Registry[type[FingerprintSource]] = Registry("fingerprint source")
 
 
 def register_source(cls: type[FingerprintSource]) -> type[FingerprintSource]:
     """Class decorator adding a source to the registry under ``cls.name``."""
-    _REGISTRY[cls.name] = cls
-    return cls
+    return SOURCES.register(cls.name, cls)
 
 
 def available_sources() -> list[str]:
     """Names of every registered source."""
-    return sorted(_REGISTRY)
+    return SOURCES.names()
+
+
+def source_class(name: str) -> type[FingerprintSource]:
+    """The class registered as ``name`` (its declarations, without measuring anything).
+
+    Raises:
+        UnsupportedConfig: No source has that name.
+    """
+    return SOURCES.get(name)
+
+
+def strength_group(name: str) -> str:
+    """The key-strength group of source ``name`` (its own name unless it declares one; unknown names too)."""
+    cls = SOURCES.find(name)
+    return (cls.strength_group if cls is not None else None) or name
 
 
 def get_source(name: str, **options: Any) -> FingerprintSource:
@@ -76,9 +101,4 @@ def get_source(name: str, **options: Any) -> FingerprintSource:
     Raises:
         UnsupportedConfig: No source has that name.
     """
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise UnsupportedConfig(
-            f"unknown fingerprint source {name!r}; choose one of {', '.join(available_sources())}") from None
-    return cls(**options)
+    return SOURCES.get(name)(**options)

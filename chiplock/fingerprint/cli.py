@@ -1,11 +1,12 @@
 """`chiplock fingerprint`: measure this device's fingerprint sources and print public facts about them.
 
-``chiplock fingerprint --source {precision,clock,sram,all} [--json] [--sensitive]`` enrolls each source once and
+``chiplock fingerprint --source {precision,clock,sram,tpm,all} [--json] [--sensitive]`` enrolls each source once and
 prints the entropy estimate, the public helper data and the time; only ``--sensitive`` adds ids of the material,
 per-probe ids and configuration facts (they identify the configuration among enumerated candidates).
 ``chiplock fingerprint report`` measures each source many times and writes a Markdown report with per-bit
 reliability maps and, with ``--enumerate``, the precision source's measured configuration space. Neither prints
-key material.
+key material. The sources and their options (``--device``, ``--sram-dump``, ...) come from the source registry: each
+source declares its own ``cli_options``.
 """
 
 from __future__ import annotations
@@ -13,42 +14,42 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from chiplock._extras import require
 from chiplock._io import check_output_folder
 from chiplock.errors import FingerprintError
-from chiplock.fingerprint import available_sources, get_source
+from chiplock.fingerprint import SOURCES, available_sources, get_source
+from chiplock.registry import load_plugins, merge_options, with_options
 
 app = typer.Typer(help="Measure this device's hardware fingerprints (public facts only, never key material).",
                   invoke_without_command=True, no_args_is_help=False)
 console = Console()
 err_console = Console(stderr=True)
 
-_SOURCE_HELP = "Source to measure (precision, clock, sram) or 'all'."
-_DEVICE_HELP = "Where precision and clock measure: cpu, cuda or auto (precision only)."
-_DUMP_HELP = "SRAM dump file for the sram source (default $CHIPLOCK_SRAM_DUMP)."
-_SIM_HELP = "Simulated SRAM device name for the sram source (default $CHIPLOCK_SRAM_SIM_DEVICE)."
+load_plugins()
+_SOURCE_HELP = f"Source to measure ({', '.join(available_sources())}) or 'all'."
+#: Every source's declared options, one flag each (``--device`` serves precision and clock).
+_SOURCE_OPTIONS = merge_options((name, cls.cli_options) for name, cls in SOURCES.items())
 _ENUM_HELP = ("Also enumerate the configurations software can reach here (environment variables, thread "
               "counts) and count distinct precision fingerprints: a few minutes of fresh processes.")
 _SENSITIVE_HELP = ("Also print ids of the material, per-probe ids and this machine's configuration (CPU, ISA, "
                    "library versions, threads). They identify the configuration: keep that output private.")
 
 
-def _options(name: str, device: str, sram_dump: Optional[Path], sram_sim: Optional[str]) -> dict[str, Any]:
-    if device not in ("cpu", "cuda", "auto"):
-        raise typer.BadParameter(f"--device must be cpu, cuda or auto, not {device!r}")
-    if name == "precision":
-        return {"device": device}
-    if name == "clock":
-        return {"device": "cuda" if device == "cuda" else "cpu"}
-    if name == "sram":
-        return {k: v for k, v in (("path", sram_dump), ("simulate", sram_sim)) if v is not None}
-    return {}
+def _options(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Constructor keywords for source ``name`` from the CLI values of the options it declares."""
+    kwargs = {}
+    for opt in SOURCES.get(name).cli_options:
+        value = opt.value(values.get(opt.name))
+        if value is not None:
+            kwargs[opt.kwarg or opt.name] = value
+    return kwargs
 
 
 #: Enrollment ``info`` keys that describe the configuration; printed only with ``--sensitive``.
@@ -81,13 +82,12 @@ def _names(source: str) -> list[str]:
 
 
 @app.callback()
+@with_options(_SOURCE_OPTIONS.values())
 def fingerprint(ctx: typer.Context,
                 source: str = typer.Option("precision", help=_SOURCE_HELP),
                 as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
-                device: str = typer.Option("cpu", help=_DEVICE_HELP),
-                sram_dump: Optional[Path] = typer.Option(None, help=_DUMP_HELP),
-                sram_sim: Optional[str] = typer.Option(None, help=_SIM_HELP),
-                sensitive: bool = typer.Option(False, "--sensitive", help=_SENSITIVE_HELP)) -> None:
+                sensitive: bool = typer.Option(False, "--sensitive", help=_SENSITIVE_HELP),
+                **values: Any) -> None:
     """Measure SOURCE and print public facts per source (entropy, helper data, timings).
 
     The default output is safe to publish: it holds no digest of fingerprint material and no configuration facts.
@@ -101,7 +101,7 @@ def fingerprint(ctx: typer.Context,
     skipped: dict[str, str] = {}
     for name in _names(source):
         try:
-            enrollment = get_source(name, **_options(name, device, sram_dump, sram_sim)).enroll()
+            enrollment = get_source(name, **_options(name, values)).enroll()
         except FingerprintError as exc:
             if source != "all":
                 raise
@@ -109,7 +109,7 @@ def fingerprint(ctx: typer.Context,
             continue
         results[name] = _public(enrollment)
         if sensitive:
-            results[name].update(_sensitive(name, enrollment, device))
+            results[name].update(_sensitive(name, enrollment, values.get("device") or "cpu"))
     extra: dict[str, Any] = {"skipped": skipped} if skipped else {}
     if sensitive:
         from chiplock.fingerprint.precision import config_facts
@@ -133,15 +133,14 @@ def fingerprint(ctx: typer.Context,
 
 
 @app.command()
+@with_options(_SOURCE_OPTIONS.values())
 def report(source: str = typer.Option("all", help=_SOURCE_HELP),
            trials: int = typer.Option(100, min=2, help="Measurements per source after enrollment."),
            out: Path = typer.Option(Path("fingerprint-report"), "-o", "--out", help="Output folder."),
-           device: str = typer.Option("cpu", help=_DEVICE_HELP),
-           sram_dump: Optional[Path] = typer.Option(None, help=_DUMP_HELP),
-           sram_sim: Optional[str] = typer.Option(None, help=_SIM_HELP),
            as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
            enumerate_: bool = typer.Option(False, "--enumerate", help=_ENUM_HELP),
-           workers: int = typer.Option(2, min=1, help="Fresh processes at once for --enumerate.")) -> None:
+           workers: int = typer.Option(2, min=1, help="Fresh processes at once for --enumerate."),
+           **values: Any) -> None:
     """Measure each source TRIALS times; write report.md, report.json and reliability PNGs to OUT."""
     from dataclasses import asdict
 
@@ -150,6 +149,7 @@ def report(source: str = typer.Option("all", help=_SOURCE_HELP),
     # Fail on an unusable output folder before minutes of measurements (rich's progress stays off when
     # stderr is no terminal, so an error is one line).
     check_output_folder(out)
+    require(("matplotlib",), "demo", what="chiplock fingerprint report's reliability maps")
 
     reports, skipped = [], {}
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
@@ -157,7 +157,7 @@ def report(source: str = typer.Option("all", help=_SOURCE_HELP),
             task = bar.add_task(f"{name}", total=trials)
             try:
                 reports.append(measure_source(
-                    name, trials=trials, options=_options(name, device, sram_dump, sram_sim),
+                    name, trials=trials, options=_options(name, values),
                     progress=lambda _n, done, _t, task=task: bar.update(task, completed=done)))
             except FingerprintError as exc:
                 if source != "all":
@@ -176,7 +176,8 @@ def report(source: str = typer.Option("all", help=_SOURCE_HELP),
                     tasks[stage] = bar.add_task(f"precision configurations: {stage}", total=total)
                 bar.update(tasks[stage], completed=done, total=total)
 
-            enumeration = enumerate_configurations(device="cuda" if device == "cuda" else "cpu", workers=workers,
+            device = "cuda" if values.get("device") == "cuda" else "cpu"
+            enumeration = enumerate_configurations(device=device, workers=workers,
                                                    progress=tick)
     md = write_report(reports, out, skipped=skipped, enumeration=enumeration)
     if as_json:

@@ -48,6 +48,7 @@ import numpy as np
 
 from chiplock.errors import ChiplockError, ContainerError, FingerprintError
 from chiplock.fingerprint.base import Enrollment, FingerprintSource, register_source
+from chiplock.registry import Option
 from chiplock.fingerprint.entropy import assess
 from chiplock.keys.fuzzy import CodeParams, FuzzyExtractor
 from chiplock.keys.kdf import KdfParams, MasterKDF
@@ -257,6 +258,9 @@ class ClockSource(FingerprintSource):
     """
 
     name = "clock"
+    strength_group = "configuration"  # Identifies the configuration, as precision does: credited once together.
+    cli_options = (Option("device", str, "cpu", "Where clock measures: cpu or cuda (auto measures the cpu).",
+                          choices=("cpu", "cuda", "auto"), convert=lambda d: "cuda" if d == "cuda" else "cpu"),)
 
     def __init__(self, device: str = "cpu", *, rounds: int = 100, quantile: float = 0.1, enroll_profiles: int = 8,
                  reproduce_profiles: int = 3, margin: float = 4.0, sigma_floor: float = 0.1, bch_t: int = 2,

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from chiplock.errors import FingerprintError
 from chiplock.fingerprint.base import Enrollment, FingerprintSource, register_source
+from chiplock.registry import Option
 
 SUITE_VERSION = 2
 SUPPORTED_SUITES = (1, 2)
@@ -381,6 +382,9 @@ class PrecisionSource(FingerprintSource):
     """
 
     name = "precision"
+    strength_group = "configuration"  # Identifies the configuration, as clock does: credited once together.
+    cli_options = (Option("device", str, "cpu", "Where precision measures: cpu, cuda or auto.",
+                          choices=("cpu", "cuda", "auto")),)
 
     def __init__(self, device: str = "cpu") -> None:
         if device not in ("cpu", "cuda", "auto"):

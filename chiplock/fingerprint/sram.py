@@ -26,12 +26,14 @@ import hashlib
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from chiplock.errors import FingerprintError
 from chiplock.fingerprint.base import Enrollment, FingerprintSource, register_source
+from chiplock.registry import Option
 from chiplock.fingerprint.entropy import assess
 from chiplock.keys.fuzzy import CodeParams, FuzzyExtractor
 
@@ -74,6 +76,10 @@ class SramSource(FingerprintSource):
     """
 
     name = "sram"
+    cli_options = (Option("sram_dump", Path, None,
+                          "SRAM dump file for the sram source (default $CHIPLOCK_SRAM_DUMP).", kwarg="path"),
+                   Option("sram_sim", str, None, "Simulated SRAM device name for the sram source "
+                          "(default $CHIPLOCK_SRAM_SIM_DEVICE).", kwarg="simulate"))
 
     def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *,
                  simulate: str | None = None, noise: float | None = None, ber: float = 0.15,

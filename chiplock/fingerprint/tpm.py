@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 from chiplock.errors import FingerprintError
 from chiplock.fingerprint.base import Enrollment, FingerprintSource, register_source
+from chiplock.registry import Option
 
 TPM_VERSION = 1
 ENV_TCTI = "CHIPLOCK_TPM_TCTI"
@@ -232,6 +233,8 @@ class TpmSource(FingerprintSource):
     """
 
     name = "tpm"
+    cli_options = (Option("tpm_tcti", str, None, "How the tpm source reaches the TPM, e.g. swtpm:port=2321 "
+                          "(default $CHIPLOCK_TPM_TCTI or device:/dev/tpmrm0).", kwarg="tcti"),)
 
     def __init__(self, tcti: str | None = None, *, pcrs: str | None = None) -> None:
         self.tcti = tcti or os.environ.get(ENV_TCTI) or DEFAULT_TCTI

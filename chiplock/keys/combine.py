@@ -2,7 +2,8 @@
 
 Sources are not always independent. ``precision`` and ``clock`` both identify the device's *configuration*
 (CPU model, library builds, thread count): an attacker who reproduces one configuration gets both, so within
-that group only the larger estimate counts. Groups are then added. A source whose entropy is unknown
+that group only the larger estimate counts. Groups are then added. Each source declares its group
+(``FingerprintSource.strength_group``; by default its own name), so a new source needs no change here. A source whose entropy is unknown
 (``None``) makes the total unknown. A vendor secret is outside the fingerprint and is not counted; it makes the
 key strong enough by itself (the vendor chooses it with full entropy).
 
@@ -21,8 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-#: Sources whose fingerprints are expected to be correlated, by group.
-GROUPS: dict[str, str] = {"precision": "configuration", "clock": "configuration"}
 MIN_ENTROPY_BITS = 64
 _UNIT_SOURCES = "a source that binds the unit (sram, tpm)"
 
@@ -76,12 +75,14 @@ def key_strength(sources: Mapping[str, float | None] | Iterable, *, secret: byte
         sources = {e.source: e.entropy_bits for e in sources}
     if not sources:
         raise ValueError("sources is empty; pass at least one source's estimate")
+    from chiplock.fingerprint import strength_group  # The package registers the built-in sources.
+
     unknown = tuple(sorted(n for n, b in sources.items() if b is None))
     bits = None
     if not unknown:
         best: dict[str, float] = {}
         for name, b in sources.items():
-            group = GROUPS.get(name, name)
+            group = strength_group(name)
             best[group] = max(best.get(group, 0.0), float(b))
         bits = round(sum(best.values()), 6)
     return KeyStrength(bits=bits, per_source=dict(sources), unknown=unknown, vendor_secret=secret is not None,

@@ -1,4 +1,8 @@
-"""`chiplock softlock`: lock-train a model to its authorized number format or sparsity, and evaluate the lock."""
+"""`chiplock softlock`: lock-train a model to its authorized number format or sparsity, and evaluate the lock.
+
+``train``'s lock options (``--lambda``, ``--epochs``, ...) are built from :class:`SoftLockConfig`'s fields, and the
+format names come from the soft-lock registry.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,23 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from chiplock._io import check_input, check_output
+from chiplock.registry import load_plugins, options_from_dataclass, with_options
+from chiplock.softlock.config import SoftLockConfig
+from chiplock.softlock.registry import example_names
 
 app = typer.Typer(help="Soft locking: models that work only in their authorized number format or sparsity.",
                   no_args_is_help=True)
 console = Console()
 _MODEL_HINT = "pass a model written by `chiplock softlock train`"
+load_plugins()
+_NAMES = ", ".join(example_names())
 
 
 def _load(path: Path, what: str):
@@ -35,9 +44,14 @@ def _load(path: Path, what: str):
         raise UnsupportedConfig(f"cannot read {what} {str(path)!r} ({type(exc).__name__}); {_MODEL_HINT}") from None
 
 
+#: The lock options of `train`, one per documented SoftLockConfig field.
+_LOCK_OPTIONS = options_from_dataclass(SoftLockConfig)
+
+
 @app.command()
+@with_options(_LOCK_OPTIONS)
 def train(
-    authorized: str = typer.Option("fp32", help="Authorized configuration: fp32, fp16, bf16, e4m3fn, e6m9, int8, ..."),
+    authorized: str = typer.Option("fp32", help=f"Authorized configuration, e.g. {_NAMES}."),
     unauthorized: List[str] = typer.Option(..., help="Unauthorized configuration; repeatable (e.g. int8, 2:4)."),
     out: Path = typer.Option(Path("locked.safetensors"), "-o", "--out", help="Locked model (safetensors)."),
     base: Optional[Path] = typer.Option(None, help="Trained model to lock; default: train the fp32 original."),
@@ -47,45 +61,35 @@ def train(
     arch: str = typer.Option("resnet18", help="resnet18, resnet50 or smallcnn."),
     width: int = typer.Option(16, help="First-stage channels (64 is the standard ResNet)."),
     pretrain_epochs: int = typer.Option(3, help="Epochs for the original when --base is not given."),
-    epochs: int = typer.Option(3, help="Lock-training epochs."),
-    lam: float = typer.Option(1.0, "--lambda", help="Weight of the unauthorized term."),
-    epsilon: Optional[float] = typer.Option(None, help="Target unauthorized loss (default ln(classes))."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate."),
-    batch_size: int = typer.Option(64, help="Global batch size."),
-    unauth_fraction: float = typer.Option(1.0, help="Fraction of each batch run unauthorized (cheaper steps)."),
-    seed: int = typer.Option(0, help="Random seed."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file (resumed when it exists)."),
     max_train: Optional[int] = typer.Option(None, help="Use only the first N training images."),
-    levers: str = typer.Option("auto", help="auto: plant a function-preserving lock lever first; none: L_lock only."),
-    hinge: bool = typer.Option(True, help="Penalise only an unauthorized loss below epsilon (--no-hinge: paper's "
-                               "two-sided square)."),
     nproc: int = typer.Option(1, help="DDP processes (torchrun, gloo on CPU / NCCL on GPU)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    **lock_options: Any,
 ) -> None:
     """Fine-tune a model so it works on AUTHORIZED and drops to chance on every UNAUTHORIZED configuration."""
+    from chiplock.errors import UnsupportedConfig
     from chiplock.softlock.pipeline import TrainSpec, load_dataset, pretrain, run_lock
-    from chiplock.softlock.registry import parse_config
 
-    parse_config(authorized)  # Fail on a typo or an unusable path before any training starts.
+    # Fail on a typo in a format name or an option before any training starts.
+    try:
+        lock = SoftLockConfig(authorized=authorized, unauthorized=tuple(unauthorized),
+                              **{o.name: o.value(lock_options[o.name]) for o in _LOCK_OPTIONS})
+    except ValueError as exc:
+        raise UnsupportedConfig(f"{exc}; see `chiplock softlock train --help`") from None
     if base is not None:
         check_input(base, "base model", _MODEL_HINT)
     for path in (out, original_out, checkpoint):
         if path is not None:
             check_output(path, kind="file", inputs=[base] if base is not None else [])
-    for u in unauthorized:
-        parse_config(u)
+    common = dict(out=str(out), lock=lock, data=data, arch=arch, width=width, pretrain_epochs=pretrain_epochs)
     if base is None:
         base = original_out or out.with_name(out.stem + ".original.safetensors")
-        spec0 = TrainSpec(out=str(out), data=data, arch=arch, width=width, pretrain_epochs=pretrain_epochs,
-                          seed=seed)
         with console.status(f"training the fp32 original ({arch}, {pretrain_epochs} epochs)..."):
-            pretrain(spec0, load_dataset(data), str(base))
+            pretrain(TrainSpec(**common), load_dataset(data), str(base))
         console.print(f"wrote original [bold]{base}[/]")
-    spec = TrainSpec(out=str(out), authorized=authorized, unauthorized=tuple(unauthorized), data=data, arch=arch,
-                     width=width, base=str(base), epochs=epochs, lam=lam, epsilon=epsilon, lr=lr,
-                     batch_size=batch_size, unauth_fraction=unauth_fraction, seed=seed,
-                     checkpoint=None if checkpoint is None else str(checkpoint), max_train=max_train,
-                     levers=levers, hinge=hinge)
+    spec = TrainSpec(**common, base=str(base), checkpoint=None if checkpoint is None else str(checkpoint),
+                     max_train=max_train)
     if nproc > 1:
         _launch_ddp(spec, nproc, progress)
     else:
@@ -119,7 +123,9 @@ def evaluate(
     """Print and write the paper-style table Acc_authorized^locked (Δorig, Δlock) plus accuracy per configuration."""
     from chiplock.softlock.pipeline import load_dataset
     from chiplock.softlock.report import build_report, write_report
+    from chiplock._extras import require
 
+    require(("matplotlib",), "softlock", what="the soft-lock report's plot")
     model, info = _load(locked, "locked model")
     if "lock" not in info:
         from chiplock.errors import UnsupportedConfig
@@ -160,5 +166,4 @@ def formats() -> None:
     from chiplock.softlock.registry import registered_types
 
     console.print("types: " + ", ".join(registered_types()))
-    console.print("names: fp32 fp16 bf16 e4m3fn e5m2 e6m9 e4m3fnb11 e5m2-inf int8 int8-per_tensor int8-asym "
-                  "int4 2:4 1:4 prune0.25 and compositions such as 2:4+fp16")
+    console.print(f"names: {' '.join(example_names())} (+ composes several, applied left to right)")

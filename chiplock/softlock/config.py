@@ -1,21 +1,22 @@
-"""The lock-training configuration."""
+"""The lock-training configuration.
+
+Each tunable field carries its command-line help in ``metadata``; ``chiplock softlock train`` builds its options
+from these fields (:func:`chiplock.registry.options_from_dataclass`), so a new field is one line here.
+"""
 
 from __future__ import annotations
 
-import enum
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from chiplock.softlock.registry import config_from_dict, config_to_dict, parse_config
 
 
-class LockMode(str, enum.Enum):
-    """Which kind of configuration the unauthorized side is (only used for reporting and sanity checks)."""
-
-    QUANTIZATION = "quantization"
-    SPARSITY = "sparsity"
+def _cli(text: str, **extra: Any) -> dict:
+    """Field metadata: the CLI help text and, optionally, ``flag`` and ``choices``."""
+    return {"help": text, **extra}
 
 
 @dataclass(frozen=True)
@@ -52,16 +53,19 @@ class SoftLockConfig:
 
     authorized: Any = "fp32"
     unauthorized: tuple = ("e4m3fn",)
-    lam: float = 1.0
-    epsilon: Optional[float] = None
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 64
-    unauth_fraction: float = 1.0
-    freeze_bn: bool = True
-    levers: str = "auto"
-    hinge: bool = True
-    seed: int = 0
+    lam: float = field(default=1.0, metadata=_cli("Weight of the unauthorized term.", flag="--lambda"))
+    epsilon: Optional[float] = field(default=None, metadata=_cli("Target unauthorized loss (default ln(classes))."))
+    epochs: int = field(default=3, metadata=_cli("Lock-training epochs."))
+    lr: float = field(default=1e-3, metadata=_cli("Adam learning rate."))
+    batch_size: int = field(default=64, metadata=_cli("Global batch size."))
+    unauth_fraction: float = field(default=1.0,
+                                   metadata=_cli("Fraction of each batch run unauthorized (cheaper steps)."))
+    freeze_bn: bool = field(default=True, metadata=_cli("Keep BatchNorm statistics fixed during lock training."))
+    levers: str = field(default="auto", metadata=_cli("auto: plant a function-preserving lock lever first; "
+                                                      "none: L_lock only.", choices=("auto", "none")))
+    hinge: bool = field(default=True, metadata=_cli("Penalise only an unauthorized loss below epsilon "
+                                                    "(--no-hinge: the paper's two-sided square)."))
+    seed: int = field(default=0, metadata=_cli("Random seed."))
     version: int = 1
 
     def __post_init__(self) -> None:

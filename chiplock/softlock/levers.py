@@ -15,8 +15,10 @@ dynamic range or pruning destroys it:
   pruning removes the now-smallest weights first, i.e. exactly the rescaled ones.
 
 Powers of two keep the reparametrisation exact in binary floating point. :func:`plan_levers` picks the lever
-for an (authorized, unauthorized) pair. The returned masks mark weights that lock training must not move
-(Adam moves every weight by about ``lr`` per step whatever its scale, which would undo a 1/K rescaling).
+for an (authorized, unauthorized) pair by asking each unauthorized format (its ``lock_levers`` method, see
+:mod:`chiplock.softlock.registry`), so a new format brings its own rule. The returned masks mark weights that
+lock training must not move (Adam moves every weight by about ``lr`` per step whatever its scale, which would undo
+a 1/K rescaling).
 
 Security note: a lever is as easy to undo as to plant for someone who knows it is there; a soft lock raises the
 cost of misuse, it does not prevent it (see docs/softlock.md).
@@ -31,16 +33,12 @@ import torch
 from torch import nn
 
 from chiplock.softlock.fp32 import FP32
-from chiplock.softlock.int8 import Int8
-from chiplock.softlock.magnitude import MagnitudePruning
-from chiplock.softlock.minifloat import MiniFloat
-from chiplock.softlock.nm_sparsity import NMSparsity
 from chiplock.softlock.registry import Compose, parse_config
 
 
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
     """(conv, bn) pairs where the BatchNorm directly normalises the conv's output, found by attribute naming
-    (``convN``/``bnN`` and ``shortcut = Sequential(conv, bn)``) as in :mod:`chiplock.models.resnet`."""
+    (``convN``/``bnN`` and ``shortcut = Sequential(conv, bn)``) as in :mod:`chiplock_demo.models.resnet`."""
     pairs = []
     for mod in model.modules():
         for i in range(1, 4):
@@ -131,10 +129,7 @@ def stream_outliers(model: nn.Module, log2_k: int, fraction: float) -> dict:
     Raises:
         ValueError: ``model`` is not a chiplock ResNet.
     """
-    from chiplock.models.resnet import ResNet
-
-    if not isinstance(model, ResNet):
-        raise ValueError("stream_outliers needs a chiplock.models.resnet.ResNet")
+    _check_resnet(model, "stream_outliers")
     k = 2.0 ** log2_k
     masks: dict = {}
 
@@ -183,10 +178,7 @@ def offset_logits(model: nn.Module, n_channels: int = 2, log2_c: int = 20, d: fl
     Raises:
         ValueError: ``model`` is not a chiplock ResNet.
     """
-    from chiplock.models.resnet import ResNet
-
-    if not isinstance(model, ResNet):
-        raise ValueError("offset_logits needs a chiplock.models.resnet.ResNet")
+    _check_resnet(model, "offset_logits")
     block = model.layer4[-1]
     bn = block.bn3 if hasattr(block, "bn3") else block.bn2
     c = 2.0 ** log2_c
@@ -202,6 +194,13 @@ def offset_logits(model: nn.Module, n_channels: int = 2, log2_c: int = 20, d: fl
     return {model.fc.weight: mask}
 
 
+def _check_resnet(model: nn.Module, lever: str) -> None:
+    """Levers that follow the residual stream need the layout of :mod:`chiplock_demo.models.resnet`."""
+    if not all(hasattr(model, a) for a in ("bn1", "layer1", "layer2", "layer3", "layer4", "fc")):
+        raise ValueError(f"{lever} needs a ResNet laid out as chiplock_demo.models.resnet.ResNet "
+                         "(bn1, layer1..layer4 of blocks with bn2/bn3 and shortcut, fc)")
+
+
 def _parts(cfg: Any) -> list:
     return list(cfg.parts) if isinstance(cfg, Compose) else [cfg]
 
@@ -209,7 +208,8 @@ def _parts(cfg: Any) -> list:
 def plan_levers(authorized: Any, unauthorized) -> list[tuple[str, dict]]:
     """Pick levers for an (authorized, unauthorized...) pair: ``[(name, kwargs), ...]`` for :func:`apply_levers`.
 
-    Rules: against pruning (magnitude level p, or N:M) from a dense authorized model, a logit offset carried by
+    Each unauthorized format's ``lock_levers(authorized_format, dense)`` says which levers break it. The built-in
+    rules: against pruning (magnitude level p, or N:M) from a dense authorized model, a logit offset carried by
     the classifier's smallest weights; against Int8 from a wide-range float format, one outlier channel
     per block; against a fixed-range MiniFloat from a scale-invariant format (fp32, Int8), scale the layers
     far above the unauthorized format's largest value. Anything else gets no lever.
@@ -220,22 +220,14 @@ def plan_levers(authorized: Any, unauthorized) -> list[tuple[str, dict]]:
     """
     a_parts = _parts(parse_config(authorized))
     plans: list[tuple[str, dict]] = []
-    a_dense = not any(isinstance(p, (MagnitudePruning, NMSparsity)) for p in a_parts)
-    a_fmt = [p for p in a_parts if isinstance(p, (MiniFloat, Int8, FP32))]
+    a_dense = not any(getattr(p, "family", None) == "sparsity" for p in a_parts)
+    a_fmt = [p for p in a_parts if getattr(p, "family", None) in ("float", "integer")]
     a_fmt = a_fmt[-1] if a_fmt else FP32()
     for u in unauthorized:
         for p in _parts(parse_config(u)):
-            if isinstance(p, (MagnitudePruning, NMSparsity)) and a_dense and not isinstance(a_fmt, Int8):
-                plans.append(("offset_logits", {"n_channels": 2}))
-            elif isinstance(p, Int8) and isinstance(a_fmt, (MiniFloat, FP32)):
-                if isinstance(a_fmt, MiniFloat) and a_fmt.max_finite < 2.0 ** 14:
-                    continue  # An outlier 2**8 above O(1) activations would overflow the authorized format.
-                plans.append(("outlier_channels", {"log2_k": 8, "fraction": 0.0}))
-                plans.append(("stream_outliers", {"log2_k": 8, "fraction": 0.0}))
-                plans.append(("offset_logits", {"n_channels": 2, "log2_c": 12, "first": 4}))
-            elif isinstance(p, MiniFloat) and isinstance(a_fmt, (Int8, FP32)):
-                k = max(1, math.ceil(math.log2(p.max_finite)) + 3)
-                plans.append(("scale_layers", {"log2_alpha": k}))
+            levers = getattr(p, "lock_levers", None)
+            if levers is not None:
+                plans.extend(levers(a_fmt, a_dense))
     # One lever of each kind is enough; keep the strongest outlier fraction.
     best: dict[str, dict] = {}
     for name, kw in plans:

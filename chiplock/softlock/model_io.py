@@ -19,8 +19,8 @@ from chiplock.errors import UnsupportedConfig
 META_KEY = "chiplock.softlock"
 
 
-def build_model(arch: str, *, num_classes: int = 10, image_size: int = 28, width: int = 16) -> nn.Module:
-    """Build one of the project's architectures by name.
+def build_architecture(arch: str, *, num_classes: int = 10, image_size: int = 28, width: int = 16) -> nn.Module:
+    """Build one of the example architectures (:mod:`chiplock_demo.models`, plain torch) by name.
 
     Args:
         arch: ``resnet18``, ``resnet50`` or ``smallcnn``.
@@ -35,9 +35,9 @@ def build_model(arch: str, *, num_classes: int = 10, image_size: int = 28, width
         UnsupportedConfig: Unknown architecture name.
 
     Example:
-        >>> build_model("resnet18", width=16)
+        >>> build_architecture("resnet18", width=16)
     """
-    from chiplock.models import SmallCNN, resnet18, resnet50
+    from chiplock_demo.models import SmallCNN, resnet18, resnet50
 
     if arch == "resnet18":
         return resnet18(num_classes, 1, width)
@@ -78,6 +78,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         raise UnsupportedConfig(f"{path} has no {META_KEY!r} metadata; was it written by chiplock softlock?")
     info = json.loads(meta[META_KEY])
     a = info["arch"]
-    model = build_model(a["name"], num_classes=a["num_classes"], image_size=a["image_size"], width=a["width"])
+    model = build_architecture(a["name"], num_classes=a["num_classes"], image_size=a["image_size"],
+                               width=a["width"])
     model.load_state_dict(load_file(str(path)))
     return model.eval(), info

@@ -4,6 +4,11 @@ A configuration is a frozen dataclass; its handler says how a layer running on t
 weights (:meth:`Handler.weight`), its input activations (:meth:`Handler.activation`) and its accumulated outputs
 (:meth:`Handler.output`). Each format lives in its own sub-package and registers itself here, as torchao's
 ``quantize_`` handlers do, so a new format is one folder plus its tests.
+
+A format also declares, on its config class, what lock training needs to know about it (see
+:mod:`chiplock.softlock.levers`): ``family`` (``"float"``, ``"integer"`` or ``"sparsity"``), ``scale_invariant``,
+``max_finite``, and ``lock_levers(authorized, dense)``, the levers that break it when it is the unauthorized side.
+The CLI lists the formats, and their example names, from this registry.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ import dataclasses
 import enum
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from chiplock.errors import UnsupportedConfig
+from chiplock.registry import Registry
 
 
 class Handler:
@@ -33,30 +39,65 @@ class Handler:
         return y
 
 
-_HANDLERS: dict[type, Callable[[Any], Handler]] = {}
-_PARSERS: list[tuple[re.Pattern, Callable[[re.Match], Any]]] = []
-_TYPES: dict[str, type] = {}
+@dataclass
+class Format:
+    """One registered configuration type: its handler, its CLI name parsers and example names."""
+
+    cls: type
+    handler: Callable[[Any], Handler]
+    parsers: list[tuple[re.Pattern, Callable[[re.Match], Any]]] = field(default_factory=list)
+    examples: tuple[str, ...] = ()
+
+
+#: Configuration class name -> :class:`Format` (the name is what :func:`config_to_dict` writes as ``type``).
+FORMATS: Registry[Format] = Registry("soft-lock configuration type")
 
 
 def register(config_cls: type, handler: Callable[[Any], Handler], *, pattern: str | None = None,
-             parse: Callable[[re.Match], Any] | None = None) -> None:
-    """Register ``handler(config)`` for ``config_cls`` and, optionally, a name parser.
+             parse: Callable[[re.Match], Any] | None = None, examples: tuple[str, ...] = ()) -> None:
+    """Register ``handler(config)`` for ``config_cls`` and, optionally, a name parser (call again to add more
+    parsers to the same class).
 
     Args:
         config_cls: A frozen dataclass with a ``version`` field and a ``name`` property.
         handler: Builds the :class:`Handler` for one config instance.
         pattern: Regular expression (matched in full, case-insensitive) for CLI names such as ``e4m3``.
         parse: Turns a match of ``pattern`` into a config instance.
+        examples: CLI names to show in ``chiplock softlock formats`` and in error messages.
+
+    Raises:
+        ValueError: ``pattern`` without ``parse``, or another class already registered under this class name.
 
     Example:
-        >>> register(MyConfig, MyHandler, pattern=r"my(\\d+)", parse=lambda m: MyConfig(int(m[1])))
+        >>> register(MyConfig, MyHandler, pattern=r"my(\\d+)", parse=lambda m: MyConfig(int(m[1])),
+        ...          examples=("my4",))
     """
-    _HANDLERS[config_cls] = handler
-    _TYPES[config_cls.__name__] = config_cls
+    if pattern is not None and parse is None:
+        raise ValueError("register(): `parse` is required when `pattern` is given")
+    fmt = FORMATS.find(config_cls.__name__)
+    same = fmt is not None and (fmt.cls.__module__, fmt.cls.__qualname__) == (config_cls.__module__,
+                                                                              config_cls.__qualname__)
+    if fmt is None or not same or fmt.cls is not config_cls:
+        if fmt is not None and not same:
+            raise ValueError(f"a soft-lock configuration named {config_cls.__name__} is already registered "
+                             f"({fmt.cls.__module__}); rename the class")
+        fmt = Format(config_cls, handler)  # New, or a re-imported module: start afresh.
+        FORMATS.register(config_cls.__name__, fmt)
+    fmt.handler = handler
     if pattern is not None:
-        if parse is None:
-            raise ValueError("register(): `parse` is required when `pattern` is given")
-        _PARSERS.append((re.compile(pattern, re.IGNORECASE), parse))
+        fmt.parsers.append((re.compile(pattern, re.IGNORECASE), parse))
+    fmt.examples += tuple(e for e in examples if e not in fmt.examples)
+
+
+def example_names() -> list[str]:
+    """The example CLI names every registered format declares (``fp32``, ``e4m3fn``, ``2:4``, ...)."""
+    formats = sorted(FORMATS.items(), key=lambda item: item[1].cls is Compose)  # Compositions last.
+    return [e for _, fmt in formats for e in fmt.examples]
+
+
+def _format_of(cfg: Any) -> Format | None:
+    fmt = FORMATS.find(type(cfg).__name__)
+    return fmt if fmt is not None and fmt.cls is type(cfg) else None
 
 
 @dataclass(frozen=True)
@@ -106,7 +147,7 @@ class _ComposedHandler(Handler):
         return y
 
 
-register(Compose, _ComposedHandler)
+register(Compose, _ComposedHandler, examples=("2:4+fp16",))
 
 
 def get_handler(cfg: Any) -> Handler:
@@ -115,12 +156,11 @@ def get_handler(cfg: Any) -> Handler:
     Raises:
         UnsupportedConfig: No handler is registered for this type.
     """
-    try:
-        factory = _HANDLERS[type(cfg)]
-    except KeyError:
+    fmt = _format_of(cfg)
+    if fmt is None:
         raise UnsupportedConfig(f"no soft-lock handler for {type(cfg).__name__}; "
-                                f"known: {', '.join(sorted(_TYPES))}") from None
-    return factory(cfg)
+                                f"known: {', '.join(FORMATS.names())}")
+    return fmt.handler(cfg)
 
 
 def parse_config(text: str | Any) -> Any:
@@ -141,15 +181,16 @@ def parse_config(text: str | Any) -> Any:
         'e4m3fn'
     """
     if not isinstance(text, str):
-        if type(text) not in _HANDLERS:
+        if _format_of(text) is None:
             raise UnsupportedConfig(f"{text!r} is not a soft-lock configuration")
         return text
     parts = [p.strip() for p in text.split("+") if p.strip()]
     if not parts:
-        raise UnsupportedConfig("empty configuration name; try fp32, fp16, bf16, e4m3fn, e5m2, int8, 2:4 or prune0.5")
+        raise UnsupportedConfig(f"empty configuration name; try {', '.join(example_names())}")
+    parsers = [p for _, fmt in FORMATS.items() for p in fmt.parsers]
     configs = []
     for part in parts:
-        for pattern, parse in _PARSERS:
+        for pattern, parse in parsers:
             m = pattern.fullmatch(part)
             if m:
                 try:
@@ -158,8 +199,7 @@ def parse_config(text: str | Any) -> Any:
                     raise UnsupportedConfig(f"bad configuration {part!r}: {exc}") from None
                 break
         else:
-            raise UnsupportedConfig(f"unknown configuration {part!r}; try fp32, fp16, bf16, e4m3fn, e5m2, "
-                                    f"e6m9, int8, int8-per_tensor-asym, 2:4 or prune0.5")
+            raise UnsupportedConfig(f"unknown configuration {part!r}; try {', '.join(example_names())}")
     return configs[0] if len(configs) == 1 else Compose(tuple(configs))
 
 
@@ -181,9 +221,10 @@ def config_from_dict(d: dict) -> Any:
         UnsupportedConfig: Unknown type name.
     """
     d = dict(d)
-    cls = _TYPES.get(d.pop("type", ""))
-    if cls is None:
+    fmt = FORMATS.find(d.pop("type", ""))
+    if fmt is None:
         raise UnsupportedConfig(f"unknown soft-lock configuration type in {d!r}")
+    cls = fmt.cls
     if cls is Compose:
         return Compose(tuple(config_from_dict(p) for p in d["parts"]), version=d.get("version", 1))
     kwargs = {}
@@ -206,8 +247,8 @@ def config_from_json(text: str) -> Any:
 
 def registered_types() -> list[str]:
     """Names of every registered configuration class."""
-    return sorted(_TYPES)
+    return FORMATS.names()
 
 
-__all__ = ["Compose", "Handler", "config_from_dict", "config_from_json", "config_to_dict", "config_to_json",
-           "get_handler", "parse_config", "register", "registered_types"]
+__all__ = ["FORMATS", "Compose", "Format", "Handler", "config_from_dict", "config_from_json", "config_to_dict",
+           "config_to_json", "example_names", "get_handler", "parse_config", "register", "registered_types"]

@@ -265,7 +265,7 @@ def evaluate_configs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, configs
     """
     from chiplock.softlock.apply import apply_config
     from chiplock.softlock.registry import parse_config
-    from chiplock.training import accuracy
+    from chiplock_demo.training import accuracy
 
     out = {}
     for c in configs:

@@ -21,7 +21,7 @@ from chiplock._digest import TREE_CHUNK, leaf_digest
 from chiplock._dtypes import (DTYPE_BY_NAME, DTYPE_NAMES, DTYPES, check_dtype, empty_raw,  # noqa: F401
                               raw_view)
 from chiplock._pool import CHUNK_BYTES, parallel_for  # noqa: F401
-from chiplock.errors import UnsupportedConfig
+from chiplock.registry import Registry
 
 
 def aes_ctr_into(key: bytes, nonce: bytes, src: np.ndarray, dst: np.ndarray, byte_offset: int = 0) -> None:
@@ -66,6 +66,9 @@ class Encoded:
     params: dict[str, Any]
     #: safetensors dtype name of ``data`` when it differs from the tensor's own dtype (pre-aes codes).
     stored_dtype: str | None = None
+    #: The tensor's integrity root when the transform authenticates its own bytes (``aes``: the tree root of its
+    #: GCM tags); ``None``: the container's tree digest of the stored bytes.
+    digest: str | None = None
 
 
 class Transform(abc.ABC):
@@ -74,7 +77,8 @@ class Transform(abc.ABC):
     name: ClassVar[str]
     #: Whether a wrong key can be detected (a key-check value is stored). pre-aes: False, by design.
     detects_wrong_key: ClassVar[bool]
-    #: Whether :meth:`decode` accepts ``leaves=`` and fills in the stored bytes' leaf digests as it reads them.
+    #: Whether :meth:`decode` accepts ``leaves=`` and fills in the leaves of the tensor's integrity root (the
+    #: stored bytes' leaf digests, or a transform's own authentication tags) as it verifies them.
     fused_digest: ClassVar[bool] = False
 
     def stored_dtype(self, dtype_name: str) -> str:
@@ -83,6 +87,14 @@ class Transform(abc.ABC):
         The container reader checks every stored entry against this, so it needs no knowledge of transforms.
         """
         return dtype_name
+
+    def params_reserve(self, dtype_name: str, numel: int) -> int:
+        """An upper bound on the length of this transform's public parameters as JSON for one tensor.
+
+        The streaming container writer reserves this much header room per tensor before encoding it (a bound
+        too small costs one extra pass over the file's data, never a wrong file).
+        """
+        return 256
 
     @abc.abstractmethod
     def encode(self, tensor: torch.Tensor, key: bytes) -> Encoded:
@@ -94,23 +106,21 @@ class Transform(abc.ABC):
         """Invert :meth:`encode`. ``stored`` is a flat uint8 array of the stored bytes (may be read-only)."""
 
 
-_TRANSFORMS: dict[str, Transform] = {}
+#: Name -> transform instance (see :mod:`chiplock.registry`; ``docs/extending.md`` adds one).
+_TRANSFORMS: Registry[Transform] = Registry("transform")
 
 
 def register_transform(cls: type[Transform]) -> type[Transform]:
     """Class decorator registering a transform under ``cls.name``."""
-    _TRANSFORMS[cls.name] = cls()
+    _TRANSFORMS.register(cls.name, cls())
     return cls
 
 
 def get_transform(name: str) -> Transform:
     """The transform registered as ``name``; raises :class:`UnsupportedConfig` for unknown names."""
-    try:
-        return _TRANSFORMS[name]
-    except KeyError:
-        raise UnsupportedConfig(f"unknown transform {name!r}; choose one of "
-                                f"{', '.join(sorted(_TRANSFORMS))}") from None
+    return _TRANSFORMS.get(name)
 
 
 def available_transforms() -> list[str]:
-    return sorted(_TRANSFORMS)
+    """Names of every registered transform, sorted."""
+    return _TRANSFORMS.names()

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from chiplock._dtypes import NUMPY_CODE_NAMES, STORED_DTYPES
+from chiplock._pool import release_mapped
 from chiplock.errors import ContainerError
 from chiplock.transforms import _pre_aes_kernel as _kernel
 from chiplock.transforms.base import (DTYPES, Encoded, Transform, aes_ctr_into, empty_raw, parallel_for,
@@ -601,6 +602,13 @@ class PreAesTransform(Transform):
         """Codes are twice as wide as the element (``U16``/``U32``), 64 bits for 32- and 64-bit dtypes."""
         return _CODE_NAMES[STORED_DTYPES[dtype_name]]
 
+    def params_reserve(self, dtype_name: str, numel: int) -> int:
+        # Breakpoints dominate: at most k + 1 of them (k from _k_candidates, largest first), each 4 bytes (float32
+        # positions for 8- and 16-bit dtypes) or the dtype's width, as hex; the rest is under 200 characters.
+        w = STORED_DTYPES[dtype_name] * 8
+        k = _k_candidates(max(numel, 1), w)[0]
+        return 2 * (k + 3) * max(4, w // 8) + 200
+
     def encode(self, tensor: torch.Tensor, key: bytes) -> Encoded:
         t = tensor.detach().cpu().contiguous()
         src = raw_view(t)
@@ -685,6 +693,7 @@ class PreAesTransform(Transform):
         def work(a: int, b: int) -> None:
             codes = _buffer(b - a, codec.cdtype)
             aes_ctr_into(key, nonce, stored[a * itemsize:b * itemsize], codes.view(np.uint8), a * itemsize)
+            release_mapped(stored[a * itemsize:b * itemsize])
             codec.decode_bits_into(codes, raw[a:b])
 
         parallel_for(raw.size, _CHUNK, work)

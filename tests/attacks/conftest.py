@@ -25,7 +25,7 @@ def _one_thread(one_thread):
 def trained_weights(request) -> dict[str, torch.Tensor]:
     """The weight tensors (dim >= 2) of the pretrained DigitCNN, in layer order; a SmallCNN trained on the 8x8
     digits when the `digit-recognizer-py` package is missing."""
-    from chiplock.models.digit_cnn import load_pretrained
+    from chiplock_demo.models.digit_cnn import load_pretrained
 
     model = load_pretrained() or request.getfixturevalue("trained_model")
     return {n: p.detach().clone() for n, p in model.state_dict().items() if p.dim() >= 2}

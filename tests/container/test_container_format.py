@@ -12,7 +12,8 @@ import torch
 
 import chiplock
 from chiplock import ContainerError, InvalidTag
-from chiplock.container.format import MAX_HEADER, TREE_CHUNK, canonical, header_digest, tree_digest
+from chiplock._digest import TREE_CHUNK, tree_digest
+from chiplock.container.schema import FORMAT_VERSION, MAX_HEADER, canonical, header_digest
 
 pytestmark = pytest.mark.filterwarnings("ignore::chiplock.LowEntropyWarning")
 
@@ -48,7 +49,8 @@ def test_safetensors_lists_names_shapes_and_dtypes(locked, weights):
     with safe_open(str(path), framework="pt") as f:
         assert set(f.keys()) == set(weights)
         meta = json.loads(f.metadata()["chiplock"])
-        assert meta["format"] == "chiplock" and meta["transform"] == transform
+        assert meta["format"] == "chiplock" and meta["version"] == FORMAT_VERSION
+        assert {k: g["transform"] for k, g in meta["groups"].items()} == {"main": transform}
         for name, t in weights.items():
             sl = f.get_slice(name)
             assert sl.get_shape() == list(t.shape), name
@@ -89,7 +91,9 @@ def test_header_digest_and_canonical_cover_everything_but_themselves(locked, con
     meta, _, _ = container_io[0](path)
     assert meta["header_digest"] == header_digest(meta)
     body = json.loads(canonical(meta))
-    assert "header_digest" not in body and set(body) == set(meta) - {"header_digest", "header_mac", "signature"}
+    assert "header_digest" not in body and set(body) == set(meta) - {"header_digest", "signature"}
+    # The embedded licence and the group MACs are inside what the digest covers.
+    assert body["license"] == meta["license"] and body["groups"] == meta["groups"]
 
 
 def test_tree_digest_vectors_and_definition():
@@ -161,6 +165,7 @@ def test_bit_flipped_tensor_bytes_raise_invalid_tag_without_detail(locked, profi
 
 
 def test_bit_flipped_metadata_raises_invalid_tag(locked, profile, tmp_path):
+    # A digit of the embedded licence's KDF cost: the header digest covers the licence too.
     path, _ = locked
     raw = bytearray(path.read_bytes())
     i = raw.index(b"memory_kib") + len(b'memory_kib\\": ')
@@ -183,21 +188,21 @@ def test_bit_flipped_header_structure_raises_container_error(locked, profile, tm
         assert msg.startswith("the header is not valid JSON") and FIX in msg
 
 
-@pytest.mark.parametrize("version", [3, 0, "2", None, 2.0, [2], 1, True])
+@pytest.mark.parametrize("version", [4, 0, "2", None, 2.0, [2], 1, 2, True])
 def test_wrong_version(version, locked, profile, tmp_path, container_io):
-    # Version 1 pre-aes files had a key oracle: every version-1 file is refused, with what to do. JSON true is
-    # not the integer 1: it gets the plain message.
+    # Versions 1 and 2 (one key per file, no licences) are refused, with what to do. JSON true is not the
+    # integer 1, nor 2.0 the integer 2: they get the plain message.
     path, _ = locked
     read, write = container_io
     meta, header, data = read(path)
     meta["version"] = version
     bad = tmp_path / "v.chiplock"
     write(bad, meta, header, data)
-    if version == 1 and version is not True:
-        expected = ("this container (version 1) was written by an older chiplock whose pre-aes encoding had "
-                    "a key oracle; it is no longer read: lock the model again with this chiplock")
+    if version in (1, 2) and type(version) is int:
+        expected = (f"this container (version {version}) was written by an older chiplock; this one reads version "
+                    "3 (per-group keys and licences): lock the model again")
     else:
-        expected = (f"container version {version!r} is not supported by this chiplock (it reads version 2); "
+        expected = (f"container version {version!r} is not supported by this chiplock (it reads version 3); "
                     "upgrade chiplock or re-lock the model")
     for msg in _both(bad, profile):
         assert msg == expected
@@ -236,8 +241,13 @@ def test_pytorch_pickle_is_not_a_container(tmp_path, profile, weights):
 def test_missing_file_and_folder(tmp_path, profile):
     for msg in _both(tmp_path / "missing.chiplock", profile):
         assert msg.endswith("does not exist; check the path")
+    # A folder is a sharded model to the verbs; an empty one says what is missing.
     for msg in _both(tmp_path, profile):
-        assert msg.endswith("is a folder, not a chiplock file")
+        assert "holds no *.chiplock container" in msg
+    from chiplock.container.reader import open_container
+
+    with pytest.raises(ContainerError, match="is a folder, not a chiplock file$"):
+        open_container(tmp_path)
 
 
 def test_metadata_and_stored_tensors_must_agree(locked, profile, tmp_path, container_io):
@@ -309,18 +319,65 @@ def test_metadata_shape_or_dtype_that_disagrees_with_the_stored_bytes(field, val
 
 
 @pytest.mark.parametrize("mutate", [
-    lambda m: m.__setitem__("kdf", "argon2id"),
+    lambda m: m["license"].__setitem__("kdf", "argon2id"),
     lambda m: m.__setitem__("tensors", sorted(m["tensors"])),
-    lambda m: m.__setitem__("sources", "precision"),
-    lambda m: m.__setitem__("transform", ["aes"]),
-    lambda m: m["tensors"]["fc.weight"].__setitem__("params", {}),
-], ids=["kdf-not-dict", "tensors-list", "sources-str", "transform-list", "params-empty"])
+    lambda m: m["license"].__setitem__("sources", "precision"),
+    lambda m: m["groups"]["main"].__setitem__("transform", ["aes"]),
+    lambda m: m.__setitem__("groups", [{"transform": "aes", "mac": None}]),
+    lambda m: m.__setitem__("groups", {}),
+    lambda m: m["tensors"]["fc.weight"].__setitem__("group", "other"),
+    lambda m: m["tensors"]["fc.weight"].__setitem__("group", None),
+    lambda m: m.__setitem__("license", "embedded"),
+    lambda m: m["license"].__setitem__("wraps", {}),
+    lambda m: m.__setitem__("content_id", m["content_id"][:-2]),
+    lambda m: m.__setitem__("shard", {"index": 1, "count": 1}),
+], ids=["kdf-not-dict", "tensors-list", "sources-str", "transform-list", "groups-list", "groups-empty",
+        "unknown-group", "group-null", "license-str", "wraps-empty", "short-content-id", "shard-out-of-range"])
 def test_metadata_of_the_wrong_type(mutate, locked, profile, tmp_path, container_io):
     path, _ = locked
     read, write = container_io
     meta, header, data = read(path)
     mutate(meta)
     write(tmp_path / "m.chiplock", meta, header, data)
-    with pytest.raises(chiplock.ChiplockError):
-        chiplock.inspect(tmp_path / "m.chiplock")
+    for fn in (lambda: chiplock.inspect(tmp_path / "m.chiplock"),
+               lambda: chiplock.unlock(tmp_path / "m.chiplock", profile=profile, secret=SECRET)):
+        with pytest.raises(ContainerError):
+            fn()
+
+
+def test_params_emptied_is_refused_on_unlock(locked, profile, tmp_path, container_io):
+    # The reader checks only the shape of the public parameters; the transform refuses missing ones when
+    # decoding (for aes and shuffle the group MAC refuses the rewritten header first).
+    path, transform = locked
+    read, write = container_io
+    meta, header, data = read(path)
+    meta["tensors"]["fc.weight"]["params"] = {}
+    write(tmp_path / "m.chiplock", meta, header, data)
+    chiplock.inspect(tmp_path / "m.chiplock")
+    with pytest.raises(InvalidTag if transform != "pre-aes" else ContainerError):
         chiplock.unlock(tmp_path / "m.chiplock", profile=profile, secret=SECRET)
+
+
+def test_a_version_2_file_is_refused_with_what_to_do(tmp_path, profile, weights, capsys):
+    # A file as chiplock 2 wrote it: one key per file, its KDF, sources, key check and header MAC at the top level.
+    from chiplock.container.writer import build_header
+
+    meta = {"format": "chiplock", "version": 2, "transform": "aes", "created_by": "chiplock 0.0.9",
+            "kdf": {"algorithm": "argon2id", "version": 1, "salt": "00" * 16, "iterations": 1, "lanes": 1,
+                    "memory_kib": 8},
+            "sources": [{"source": "precision", "helper": {"suite": 2, "device": "cpu"}}], "secret": False,
+            "key_check": "ab" * 16, "header_mac": "cd" * 32,
+            "tensors": {"w": {"dtype": "F32", "shape": [4], "params": {"nonce": "00" * 16}, "digest": "e" * 64}}}
+    meta["header_digest"] = header_digest(meta)
+    path = tmp_path / "v2.chiplock"
+    path.write_bytes(build_header(meta, [("w", "F32", (4,), 16)]) + b"\0" * 16)
+    for msg in _both(path, profile):
+        assert msg == ("this container (version 2) was written by an older chiplock; this one reads version 3 "
+                       "(per-group keys and licences): lock the model again")
+    # The CLI says the same, in one line.
+    from chiplock.cli import run
+
+    capsys.readouterr()
+    assert run(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "older chiplock" in err and "lock the model again" in err

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from chiplock.container.format import HEADER_LIMITS, MAX_HEADER
+from chiplock.container.schema import HEADER_LIMITS, MAX_HEADER
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc (Linux only)")]

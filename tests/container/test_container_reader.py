@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import chiplock
 from chiplock import ContainerError, InvalidTag, UnsupportedConfig
-from chiplock.container.format import MAX_DIMS, MAX_NAME_BYTES, header_digest, read_header
-from chiplock.keys import INSECURE_FAST, KdfParams
+from chiplock.container.reader import open_container
+from chiplock.container.schema import MAX_DIMS, MAX_NAME_BYTES, header_digest
 
 pytestmark = pytest.mark.filterwarnings("ignore::chiplock.LowEntropyWarning")
 SECRET = b"vendor secret for reader tests"
@@ -112,35 +112,129 @@ def test_signature_null_means_unsigned(signed, profile):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("key_check", "\ud800" * 32, "the chiplock metadata holds a lone surrogate"),
-    ("key_check", "ab" * 15, "key check is not 16 bytes"),
-    ("key_check", 12, "key check is not 16 bytes"),
-    ("header_mac", "ab" * 31, "header MAC is not 32 bytes"),
-    ("header_mac", {"mac": 1}, "header MAC is not 32 bytes"),
-    ("secret", "yes", "secret flag is not true or false"),
+    ("content_id", "\ud800" * 16, "the chiplock metadata holds a lone surrogate"),
+    ("content_id", "ab" * 15, "the content id is not 16 bytes"),
+    ("content_id", "AB" * 16, "the content id is not 16 bytes"),
+    ("content_id", 12, "the content id is not 16 bytes"),
     ("created_by", "x" * 300, "created_by is not a short string"),
-    ("transform", 7, "names no transform"),
-    ("sources", [], "sources are not a list of 1 to 16"),
-    ("sources", [{"source": "precision", "helper": {}}] * 2, "listed twice"),
-    ("sources", [{"source": "a b", "helper": {}}], "fingerprint source entry is malformed"),
-    ("sources", [{"source": "precision", "helper": {"x": "\ud800"}}], "lone surrogate"),
-    ("sources", [{"source": "precision", "helper": []}], "fingerprint source entry is malformed"),
+    ("groups", {"main": {"transform": 7, "mac": None}}, "group 'main' is malformed"),
+    ("groups", {"main": {"transform": "aes"}}, "group 'main' is malformed"),
+    ("groups", {"a b": {"transform": "aes", "mac": None}}, "group label 'a b' is not 1 to 64 characters"),
+    ("groups", {}, "the groups are not an object of 1 to 64 entries"),
+    ("groups", {f"g{i}": {"transform": "pre-aes", "mac": None} for i in range(65)},
+     "the groups are not an object of 1 to 64 entries"),
+    ("shard", {"index": 0}, "the shard field is malformed"),
+    ("license", [], "this is not a chiplock licence"),
     ("tensors", {}, "the metadata and the stored tensors disagree"),
     ("extra", 1, r"unknown field\(s\) \['extra'\]"),
+    ("transform", "aes", r"unknown field\(s\) \['transform'\]"),  # the version-2 fields are gone
+    ("header_mac", "cd" * 32, r"unknown field\(s\) \['header_mac'\]"),
 ])
 def test_malformed_fields(field, value, match, signed, profile):
     bad = _tamper(signed, lambda m: m.__setitem__(field, value))
     _refused(bad, profile, match=match)
 
 
-@pytest.mark.parametrize("field", ["kdf", "sources", "secret", "key_check", "tensors", "transform"])
+@pytest.mark.parametrize("field,value,match", [
+    ("secret", "yes", "secret is not true or false"),
+    ("salt", "ab" * 15, "salt is not 16 bytes"),
+    ("content_id", "ab" * 15, "content_id is not 16 bytes"),
+    ("sources", [], "sources is not a list of 1 to 16"),
+    ("sources", [{"source": "precision", "helper": {}}] * 2, "listed twice"),
+    ("sources", [{"source": "a b", "helper": {}}], "fingerprint source entry is not"),
+    ("sources", [{"source": "precision", "helper": {"x": "\ud800"}}], "lone surrogate"),
+    ("sources", [{"source": "precision", "helper": []}], "fingerprint source entry is not"),
+    ("wraps", {}, "wraps is not an object of 1 to 64 groups"),
+    ("wraps", {"main": {"alg": "aes-256-ecb", "nonce": "00", "wrapped": "00"}}, "the wrap of group main is not"),
+    ("chiplock_license", 2, "licence version 2 is not supported"),
+    ("extra", 1, "missing or unknown fields"),
+])
+def test_malformed_embedded_licence(field, value, match, signed, profile):
+    # The embedded licence is checked as a licence file is, when the header is read.
+    bad = _tamper(signed, lambda m: m["license"].__setitem__(field, value))
+    _refused(bad, profile, match=match)
+
+
+@pytest.mark.parametrize("field", ["content_id", "groups", "tensors"])
 def test_missing_required_field(field, signed, profile):
     bad = _tamper(signed, lambda m: m.pop(field))
     _refused(bad, profile, match=f"the chiplock metadata lacks {field}")
 
 
+def test_missing_header_digest(signed, profile):
+    meta, header, data = _split(signed)
+    del meta["header_digest"]
+    bad = signed.with_name("nodigest.chiplock")
+    _write(bad, header, data, meta_text=json.dumps(meta, sort_keys=True))
+    _refused(bad, profile, match="the chiplock metadata lacks header_digest")
+
+
+@pytest.mark.parametrize("field", ["sources", "kdf", "secret", "salt", "wraps"])
+def test_missing_licence_field(field, signed, profile):
+    bad = _tamper(signed, lambda m: m["license"].pop(field))
+    _refused(bad, profile, match="missing or unknown fields")
+
+
+def test_group_mac_must_match_the_transform_kind(signed, profile):
+    # aes and shuffle groups carry a 32-byte MAC; a pre-aes group must carry none (it would be a key oracle).
+    meta = _split(signed)[0]
+    transform = meta["groups"]["main"]["transform"]
+    if transform == "pre-aes":
+        bad = _tamper(signed, lambda m: m["groups"]["main"].__setitem__("mac", "cd" * 32))
+        _refused(bad, profile, match=r"group 'main' \(pre-aes\) carries a header MAC")
+    else:
+        for mac in (None, "cd" * 31, "CD" * 32, 5):
+            bad = _tamper(signed, lambda m, mac=mac: m["groups"]["main"].__setitem__("mac", mac))
+            _refused(bad, profile, match=rf"group 'main' \({transform}\) lacks its 32-byte header MAC")
+
+
+def test_licence_removed_from_the_header_needs_a_licence(signed, profile):
+    # Without an embedded licence the file is a content-mode file: inspect says so and unlock asks for one.
+    bad = _tamper(signed, lambda m: m.pop("license"))
+    assert chiplock.inspect(bad)["license"].startswith("separate")
+    with pytest.raises(chiplock.ProfileError, match="this file carries no licence; pass the device's licence"):
+        chiplock.unlock(bad, profile=profile, secret=SECRET)
+
+
+def test_licence_of_another_model_is_refused(signed, profile, tmp_path, fast_kdf, weights):
+    # A licence moved in from another file (its content id differs) is refused before any key work.
+    other = tmp_path / "other.chiplock"
+    transform = chiplock.inspect(signed)["transform"]
+    chiplock.lock(weights, other, profile, transform, secret=SECRET, kdf=fast_kdf)
+    foreign = _split(other)[0]["license"]
+    bad = _tamper(signed, lambda m: m.__setitem__("license", foreign))
+    chiplock.inspect(bad)
+    with pytest.raises(ContainerError, match="this licence is for another model file"):
+        chiplock.unlock(bad, profile=profile, secret=SECRET)
+
+
+def test_licence_wrap_kind_must_match_the_groups_transform(signed, profile):
+    # An edited licence cannot turn an aes group's authenticated wrap into an unauthenticated one (or back).
+    meta = _split(signed)[0]
+    transform = meta["groups"]["main"]["transform"]
+    wrap = ({"alg": "aes-256-gcm", "nonce": "00" * 12, "wrapped": "00" * 48} if transform == "pre-aes"
+            else {"alg": "aes-256-ctr", "nonce": "00" * 16, "wrapped": "00" * 32})
+    bad = _tamper(signed, lambda m: m["license"]["wraps"].__setitem__("main", wrap))
+    chiplock.inspect(bad)
+    with pytest.raises(ContainerError, match=f"the licence wraps group main with {wrap['alg']}, but the file's "
+                                             f"transform {transform} needs"):
+        chiplock.unlock(bad, profile=profile, secret=SECRET)
+
+
+def test_licence_for_a_group_the_file_lacks(signed, profile, weights, assert_bit_exact):
+    # A wrap for a group the file lacks opens nothing: unlock opens only the file's groups, and asking for the
+    # other group names what the file has.
+    bad = _tamper(signed, lambda m: m["license"]["wraps"].__setitem__("ghost", m["license"]["wraps"]["main"]))
+    chiplock.inspect(bad)
+    got = chiplock.unlock(bad, profile=profile, secret=SECRET)
+    for name, t in weights.items():
+        assert_bit_exact(got[name], t, name)
+    with pytest.raises(UnsupportedConfig, match="the file has no group\\(s\\) 'ghost'; it has 'main'"):
+        chiplock.unlock(bad, profile=profile, secret=SECRET, groups=["ghost"])
+
+
 def test_unknown_transform_says_upgrade(signed, profile):
-    bad = _tamper(signed, lambda m: m.__setitem__("transform", "aes-gcm-v9"))
+    bad = _tamper(signed, lambda m: m["groups"]["main"].__setitem__("transform", "aes-gcm-v9"))
     for msg in _refused(bad, profile, error=UnsupportedConfig):
         assert msg.startswith("the file uses transform 'aes-gcm-v9', which this chiplock does not know")
         assert msg.endswith("upgrade chiplock")
@@ -155,7 +249,7 @@ def test_params_must_be_a_small_flat_map(params, signed, profile):
 
 
 @pytest.mark.parametrize("field,value", [("digest", "ab" * 31), ("digest", None), ("dtype", "C64"),
-                                         ("shape", "10"), ("extra", 1)])
+                                         ("shape", "10"), ("extra", 1), ("group", 5), ("group", ["main"])])
 def test_tensor_metadata_fields(field, value, signed, profile):
     bad = _tamper(signed, lambda m: m["tensors"]["fc.bias"].__setitem__(field, value))
     _refused(bad, profile, match="the metadata of tensor 'fc.bias' is malformed")
@@ -193,7 +287,7 @@ def test_stored_dtype_is_what_the_transform_stores(signed, profile):
     ({"extra": 1}, "missing or unknown fields"),
 ])
 def test_kdf_parameters_are_checked_before_any_work(changes, match, signed, profile):
-    bad = _tamper(signed, lambda m: m["kdf"].update(changes))
+    bad = _tamper(signed, lambda m: m["license"]["kdf"].update(changes))
     start = time.perf_counter()
     with pytest.raises(ContainerError, match=match):
         chiplock.unlock(bad, profile=profile, secret=SECRET)
@@ -203,7 +297,7 @@ def test_kdf_parameters_are_checked_before_any_work(changes, match, signed, prof
 @pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "NaN", "1e999", "9" * 5000])
 def test_kdf_number_literals_json_cannot_hold(literal, signed, profile):
     meta, header, data = _split(signed)
-    meta["kdf"]["memory_kib"] = "@@"
+    meta["license"]["kdf"]["memory_kib"] = "@@"
     text = json.dumps(meta, sort_keys=True).replace('"@@"', literal)
     bad = signed.with_name("lit.chiplock")
     _write(bad, header, data, meta_text=text)
@@ -212,7 +306,7 @@ def test_kdf_number_literals_json_cannot_hold(literal, signed, profile):
 
 
 def test_kdf_cap_is_configurable(signed, profile, monkeypatch):
-    bad = _tamper(signed, lambda m: m["kdf"].__setitem__("memory_kib", 64))
+    bad = _tamper(signed, lambda m: m["license"]["kdf"].__setitem__("memory_kib", 64))
     monkeypatch.setenv("CHIPLOCK_MAX_KDF_MEMORY_KIB", "32")
     with pytest.raises(ContainerError, match=r"memory of 0.0625 MiB x 1 passes, beyond this device's cap "
                                              r"\(0.03125 MiB"):
@@ -230,7 +324,7 @@ def test_kdf_cap_is_configurable(signed, profile, monkeypatch):
 
 
 def test_a_file_asking_4_gib_is_shown_by_inspect_and_refused_by_unlock_at_once(signed, profile):
-    bad = _tamper(signed, lambda m: m["kdf"].update(memory_kib=4 << 20, iterations=1))
+    bad = _tamper(signed, lambda m: m["license"]["kdf"].update(memory_kib=4 << 20, iterations=1))
     assert chiplock.inspect(bad)["kdf"]["memory_kib"] == 4 << 20
     start = time.perf_counter()
     with pytest.raises(ContainerError, match="4096 MiB x 1 passes, beyond this device's cap"):
@@ -248,7 +342,7 @@ def test_sixty_thousand_huge_dims_fail_in_microseconds(signed, profile):
     _write(bad, header, data)
     start = time.perf_counter()
     with pytest.raises(ContainerError, match=f"malformed shape \\(at most {MAX_DIMS} dims"):
-        read_header(bad)
+        open_container(bad)
     assert time.perf_counter() - start < 0.5  # the JSON parse dominates; the shape check itself is O(64)
 
 
@@ -366,13 +460,12 @@ def test_every_dtype_locks_or_is_refused_up_front(transform, tmp_path, profile, 
 
 @pytest.mark.slow
 def test_a_model_of_100000_tensors_reads_within_the_caps(tmp_path):
-    from chiplock.container.format import build_header
+    from chiplock.container.writer import build_header
 
     n = 100_000
-    meta = {"format": "chiplock", "version": 2, "transform": "aes", "created_by": "test",
-            "kdf": KdfParams(**INSECURE_FAST).to_json(), "sources": [{"source": "precision", "helper": {}}],
-            "secret": True, "key_check": "ab" * 16, "header_mac": "cd" * 32,
-            "tensors": {f"model.layers.{i}.mlp.weight": {"dtype": "F32", "shape": [0, 4096],
+    meta = {"format": "chiplock", "version": 3, "created_by": "test", "content_id": "ab" * 16,
+            "groups": {"main": {"transform": "aes", "mac": "cd" * 32}},
+            "tensors": {f"model.layers.{i}.mlp.weight": {"group": "main", "dtype": "F32", "shape": [0, 4096],
                                                         "params": {"nonce": "0" * 32}, "digest": "e" * 64}
                         for i in range(n)}}
     meta["header_digest"] = header_digest(meta)
@@ -384,7 +477,7 @@ def test_a_model_of_100000_tensors_reads_within_the_caps(tmp_path):
 
 
 def test_build_header_refuses_a_header_the_reader_would_refuse(monkeypatch):
-    from chiplock.container import format as fmt
+    from chiplock.container import writer as fmt
 
     meta = {"format": "chiplock"}
     entries = [(f"t{i}", "F32", (1, 1), 4) for i in range(100)]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from chiplock.errors import UnsupportedConfig
-from chiplock.models import SmallCNN, resnet18
+from chiplock_demo.models import SmallCNN, resnet18
 from chiplock.softlock import (E4M3, FP16, Compose, Int8, MagnitudePruning, NMSparsity, apply_config,
                                parse_config, set_config, strip_config, using_config)
 from chiplock.softlock.registry import config_from_dict, config_to_dict

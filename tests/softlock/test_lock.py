@@ -8,18 +8,18 @@ import math
 import pytest
 import torch
 
-from chiplock.models import resnet18
+from chiplock_demo.models import resnet18
 from chiplock.softlock import apply_config
 from chiplock.softlock.config import SoftLockConfig
 from chiplock.softlock.levers import apply_levers, offset_logits, outlier_channels, plan_levers, scale_layers, \
     stream_outliers
 from chiplock.softlock.train import evaluate_configs, lock_loss, lock_train
-from chiplock.training import train_classifier
+from chiplock_demo.training import train_classifier
 
 
 @pytest.fixture(scope="module")
 def digits():
-    from chiplock.data import load_digits8
+    from chiplock_demo.data import load_digits8
 
     return load_digits8()
 

@@ -55,15 +55,36 @@ def test_parallel_chunks_equal_one_pass_across_chunk_and_counter_wrap():
     assert dst.tobytes() == want
 
 
-def test_stored_bytes_are_aes_ctr_of_the_raw_bits(fixed_nonce):
+def test_stored_bytes_are_aes_gcm_of_the_raw_bits(fixed_nonce):
+    # One chunk: the stored bytes and tag are AES-256-GCM of the raw bits with nonce prefix || chunk 0.
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     t = torch.randn(3001, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     key = bytes(range(32))
     enc = aes.encode(t, key)
-    nonce = bytes.fromhex(enc.params["nonce"])
-    assert len(nonce) == 16
+    prefix = bytes.fromhex(enc.params["nonce"])
+    assert len(prefix) == 8
     plain = t.view(torch.uint8).numpy().tobytes()
-    want = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor().update(plain)
-    assert enc.data.dtype == np.uint16 and enc.data.tobytes() == want
+    want = AESGCM(key).encrypt(prefix + bytes(4), plain, None)
+    assert enc.data.dtype == np.uint16 and enc.data.tobytes() == want[:-16]
+    assert bytes.fromhex(enc.params["tags"]) == want[-16:]
+
+
+def test_each_chunk_has_its_own_tag_and_a_flipped_bit_fails(fixed_nonce):
+    from chiplock.errors import InvalidTag
+    from chiplock.transforms.base import CHUNK_BYTES
+
+    t = torch.from_numpy(np.random.default_rng(3).standard_normal(CHUNK_BYTES // 4 * 2 + 5).astype(np.float32))
+    key = bytes(range(32))
+    enc = aes.encode(t, key)
+    assert len(bytes.fromhex(enc.params["tags"])) == 3 * 16
+    stored = enc.data.view(np.uint8).copy()
+    assert torch.equal(aes.decode(stored, enc.params, key, t.dtype, tuple(t.shape)), t)
+    stored[CHUNK_BYTES + 7] ^= 1
+    with pytest.raises(InvalidTag):
+        aes.decode(stored, enc.params, key, t.dtype, tuple(t.shape))
+    with pytest.raises(InvalidTag):
+        aes.decode(enc.data.view(np.uint8), enc.params, bytes(32), t.dtype, tuple(t.shape))
 
 
 def test_stored_bytes_pass_byte_uniformity_and_plaintext_fails(fixed_nonce, byte_uniformity_p):

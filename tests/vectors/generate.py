@@ -92,7 +92,7 @@ def kdf_vectors() -> dict:
 
 
 def tree_vectors() -> dict:
-    from chiplock.container.format import TREE_CHUNK, tree_digest
+    from chiplock._digest import TREE_CHUNK, tree_digest
 
     cases = {}
     for n in (0, 1, 1000, TREE_CHUNK, TREE_CHUNK + 1):

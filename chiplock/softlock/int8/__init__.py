@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -84,6 +85,10 @@ class Int8:
     bits: int = 8
     version: int = 1
 
+    # Per-channel weight scales and per-example activation scales: rescaling a layer by 2**k changes nothing.
+    family: ClassVar[str] = "integer"
+    scale_invariant: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "granularity", Granularity(self.granularity))
         if not 2 <= self.bits <= 16:
@@ -97,6 +102,15 @@ class Int8:
         if not self.symmetric:
             base += "-asym"
         return base
+
+    def lock_levers(self, authorized: Any, dense: bool) -> list[tuple[str, dict]]:
+        """Against Int8 from a wide float format: outlier channels that set a per-tensor activation scale, plus
+        a logit offset. None when the authorized format would overflow an outlier 2**8 above O(1) values."""
+        if authorized.family != "float" or authorized.max_finite < 2.0 ** 14:
+            return []
+        return [("outlier_channels", {"log2_k": 8, "fraction": 0.0}),
+                ("stream_outliers", {"log2_k": 8, "fraction": 0.0}),
+                ("offset_logits", {"n_channels": 2, "log2_c": 12, "first": 4})]
 
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
         dims = None if self.granularity == Granularity.PER_TENSOR or w.dim() < 2 else tuple(range(1, w.dim()))
@@ -135,6 +149,7 @@ def _parse(m) -> Int8:
     return Int8(**kw)
 
 
-register(Int8, Int8Handler, pattern=r"int(?P<bits>\d+)(?P<opts>(?:-[a-z_]+)*)", parse=_parse)
+register(Int8, Int8Handler, pattern=r"int(?P<bits>\d+)(?P<opts>(?:-[a-z_]+)*)", parse=_parse,
+         examples=("int8", "int8-per_tensor", "int8-asym", "int4"))
 
 __all__ = ["Granularity", "Int8", "quantize_affine"]

@@ -5,6 +5,7 @@ zero, as a sparse accelerator (or an attacker seeking one) would do before runni
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -49,6 +50,8 @@ class MagnitudePruning:
     level: float = 0.5
     version: int = 1
 
+    family: ClassVar[str] = "sparsity"
+
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.level) < 1.0:
             raise ValueError(f"MagnitudePruning(level={self.level}): use a fraction in [0, 1)")
@@ -57,6 +60,10 @@ class MagnitudePruning:
     @property
     def name(self) -> str:
         return f"prune{self.level:g}"
+
+    def lock_levers(self, authorized: Any, dense: bool) -> list[tuple[str, dict]]:
+        """Against pruning from a dense float model: a logit offset carried by the smallest classifier weights."""
+        return [("offset_logits", {"n_channels": 2})] if dense and authorized.family != "integer" else []
 
 
 class MagnitudeHandler(Handler):
@@ -68,6 +75,6 @@ class MagnitudeHandler(Handler):
 
 
 register(MagnitudePruning, MagnitudeHandler, pattern=r"(?:prune|magnitude|sparse)(?P<p>[0-9.]+)",
-         parse=lambda m: MagnitudePruning(float(m["p"])))
+         parse=lambda m: MagnitudePruning(float(m["p"])), examples=("prune0.25", "prune0.5"))
 
 __all__ = ["MagnitudePruning", "magnitude_mask"]

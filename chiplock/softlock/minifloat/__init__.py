@@ -7,8 +7,9 @@ tensor cores, and the result is rounded once when it is stored.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -48,6 +49,10 @@ class MiniFloat:
     outputs: bool = True
     version: int = 1
 
+    # A fixed range: scaling a layer far above max_finite saturates it (the lever that breaks a MiniFloat).
+    family: ClassVar[str] = "float"
+    scale_invariant: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", Variant(self.variant))
         object.__setattr__(self, "overflow", Overflow(self.overflow))
@@ -85,6 +90,13 @@ class MiniFloat:
         if self.bias != (1 << (self.exp_bits - 1)) - 1:
             base += f"b{self.bias}"
         return base + ("-inf" if self.overflow == Overflow.INF else "")
+
+    def lock_levers(self, authorized: Any, dense: bool) -> list[tuple[str, dict]]:
+        """Against a fixed-range format from a scale-invariant one (fp32, Int8): scale the layers far above this
+        format's largest value, which the authorized side does not notice."""
+        if not getattr(authorized, "scale_invariant", False):
+            return []
+        return [("scale_layers", {"log2_alpha": max(1, math.ceil(math.log2(self.max_finite)) + 3)})]
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """Round ``x`` to this format (round-to-nearest-even, subnormals, the overflow policy), as fp32."""
@@ -143,8 +155,9 @@ def _parse_alias(m) -> MiniFloat:
 
 
 register(MiniFloat, MiniFloatHandler,
-         pattern=r"e(?P<e>\d)m(?P<m>\d+)(?P<fn>fn)?(?:b(?P<bias>-?\d+))?(?:-(?P<ovf>sat|inf))?", parse=_parse)
+         pattern=r"e(?P<e>\d)m(?P<m>\d+)(?P<fn>fn)?(?:b(?P<bias>-?\d+))?(?:-(?P<ovf>sat|inf))?", parse=_parse,
+         examples=("e4m3fn", "e5m2", "e6m9", "e4m3fnb11", "e5m2-inf"))
 register(MiniFloat, MiniFloatHandler, pattern=r"fp16|float16|half|bf16|bfloat16|fp8|minifloat8|minifloat16",
-         parse=_parse_alias)
+         parse=_parse_alias, examples=("fp16", "bf16"))
 
 __all__ = ["BF16", "E4M3", "E5M2", "FP16", "MiniFloat", "Overflow", "Variant"]

