@@ -42,3 +42,21 @@ def tree_digest(data: np.ndarray) -> str:
         return out
 
     return tree_root(list(POOL.map(leaf, range(0, flat.nbytes, TREE_CHUNK))))
+
+
+def copy_and_digest(data: np.ndarray) -> tuple[np.ndarray, str]:
+    """A private copy of ``data``'s bytes and its tree digest, hashed from the copy in one read of ``data``.
+
+    Decoding the copy means the bytes that were verified are the bytes that are decoded, even if the file under a
+    mapping changes meanwhile (a check-then-use race); the mapped pages leave resident memory as they are copied.
+    """
+    flat = data.reshape(-1).view(np.uint8)
+    out = np.empty(flat.nbytes, dtype=np.uint8)
+
+    def leaf(s: int) -> bytes:
+        e = min(s + TREE_CHUNK, flat.nbytes)
+        np.copyto(out[s:e], flat[s:e])
+        release_mapped(flat[s:e])
+        return leaf_digest(out[s:e])
+
+    return out, tree_root(list(POOL.map(leaf, range(0, flat.nbytes, TREE_CHUNK))))

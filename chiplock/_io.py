@@ -284,15 +284,26 @@ def _sweep_stale(folder: str, name: str) -> None:
         if not (entry.startswith(head) and entry.endswith(PART_SUFFIX)):
             continue
         pid_text = entry[len(head):-len(PART_SUFFIX)].split(".")[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
+        if pid_text.isdigit() and process_gone(int(pid_text)):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, entry))
-        except OSError:
-            pass  # The process exists but belongs to someone else.
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` no longer exists on this machine (so what it left half-written may go).
+
+    ``False`` when unsure: this process, a process of another user (``kill`` is refused, but it exists), or a
+    platform without ``kill(pid, 0)`` (on Windows it would signal the process).
+    """
+    if os.name != "posix" or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 @atexit.register

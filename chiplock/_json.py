@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["JSONLimitError", "Limits", "check_tree", "is_int", "loads", "scan", "show", "size_problem"]
+__all__ = ["JSONLimitError", "Limits", "canonical", "check_tree", "is_hex", "is_int", "loads", "scan", "show",
+           "size_problem"]
 
 _SCAN_CHUNK = 4 << 20
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
@@ -28,6 +29,7 @@ _OPENS, _CLOSES = (ord("{"), ord("[")), (ord("}"), ord("]"))
 #: A ``\uD800``-``\uDFFF`` escape: the only way a lone surrogate gets into a string parsed from valid UTF-8.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_LOWER_HEX = re.compile(r"[0-9a-f]*")
 
 
 class JSONLimitError(ValueError):
@@ -231,6 +233,24 @@ def check_tree(obj: Any, *, max_depth: int, max_str: int) -> str | None:
 def is_int(x: object) -> bool:
     """Whether the parsed JSON value ``x`` is an integer (``true`` and ``false`` parse as bools, which are ints)."""
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_hex(x: object, nbytes: int) -> bool:
+    """Whether the parsed JSON value ``x`` is exactly ``nbytes`` bytes written as lowercase hex.
+
+    Lowercase only, so each value has one spelling: a digest or key compared as text cannot differ by case.
+    """
+    return isinstance(x, str) and len(x) == 2 * nbytes and _LOWER_HEX.fullmatch(x) is not None
+
+
+def canonical(obj: Any) -> bytes:
+    """The canonical JSON bytes of ``obj`` (sorted keys, no spaces): what digests, MACs and signatures cover.
+
+    Example:
+        >>> canonical({"b": 1, "a": [1, 2]})
+        b'{"a":[1,2],"b":1}'
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def show(x: object, width: int = 40) -> str:

@@ -9,29 +9,30 @@ goes inside the file (the single-file mode); without one the content keys go to 
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 import chiplock
-from chiplock._digest import tree_digest, tree_root
+from chiplock._digest import copy_and_digest, tree_root
 from chiplock._dtypes import DTYPE_BY_NAME, DTYPE_NAMES
 from chiplock._io import atomic_writer, check_output
 from chiplock.config import DEFAULT_GROUP, LockConfig
-from chiplock.container.plain import read_plain, write_plain
+from chiplock.container.plain import read_plain, write_safetensors
 from chiplock.container.reader import Container, open_container
 from chiplock.container.schema import Group, Metadata, TensorInfo, tensor_name_problem
 from chiplock.container.writer import ContainerWriter, Planned
-from chiplock.errors import ContainerError, InvalidTag, KeyFileError, ProfileError, UnsupportedConfig
+from chiplock.errors import (ChiplockError, ContainerError, InvalidTag, OutputError, ProfileError,
+                             UnsupportedConfig)
 from chiplock.keys.kdf import KdfParams, subkey
 from chiplock.license import (ContentKeys, License, LowEntropyWarning, check_key_strength, issue_license,
-                              open_license)
+                              open_license, sign, verify_signature)
 from chiplock.profile import DeviceProfile
 from chiplock.transforms import get_transform
 
@@ -106,9 +107,7 @@ def _plan(source: _Source, config: LockConfig) -> list[Planned]:
             stored = tf.stored_dtype(DTYPE_NAMES[dtype])
         except UnsupportedConfig as exc:
             raise UnsupportedConfig(f"tensor {name!r}: {exc}") from None
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         plan.append(Planned(name, label, DTYPE_NAMES[dtype], tuple(shape), stored,
                             tf.params_reserve(DTYPE_NAMES[dtype], numel)))
     return plan
@@ -148,9 +147,7 @@ def _sealer(keys: ContentKeys, signing_key: Ed25519PrivateKey | None) -> Callabl
                                 if get_transform(g.transform).detects_wrong_key else None)
                        for k, g in meta.groups.items()}
         if signing_key is not None:
-            pub = signing_key.public_key().public_bytes_raw()
-            meta.signature = None
-            meta.signature = {"alg": "ed25519", "public_key": pub.hex(), "sig": signing_key.sign(meta.canonical()).hex()}
+            meta.signature = sign(signing_key, meta.canonical())
     return seal
 
 
@@ -245,9 +242,9 @@ def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str 
                              "CLI writes OUT.keys), or pass profile= to embed a licence for one device")
         if secret is not None:
             raise ValueError("a vendor secret belongs to a device's licence: pass it when issuing licences")
-        check_output(content_keys_path, kind="file", force=force,
-                     inputs=[weights] if isinstance(weights, (str, os.PathLike)) else [])
-    else:
+    if content_keys_path is not None:
+        _check_keys_path(content_keys_path, out_path, weights, force=force)
+    if profile is not None:
         check_key_strength(profile, secret, allow_weak_key, stacklevel=3)
     folder = _is_folder_source(weights)
     if folder:
@@ -284,33 +281,41 @@ def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str 
     else:
         _write_container(out_path, source, _plan(source, config), keys, license=lic, shard=None,
                          signing_key=signing_key, progress=progress)
-    if profile is None:
+    if content_keys_path is not None:
         keys.save(content_keys_path)
     return inspect(out_path)
 
 
+def _check_keys_path(keys_path: str | os.PathLike, out_path: str | os.PathLike, weights: object, *,
+                     force: bool) -> None:
+    """The content keys are the only way to issue licences for a model, and must never ship with it: refuse a
+    keys path that is the output, inside the output or source folder, or an existing file (another model's keys
+    are never replaced, even with ``force``)."""
+    keys, out = Path(os.path.realpath(keys_path)), Path(os.path.realpath(out_path))
+    src = Path(os.path.realpath(weights)) if isinstance(weights, (str, os.PathLike)) else None
+    folders = [out] + ([src if src.is_dir() else src.parent] if src is not None and _is_folder_source(src) else [])
+    if keys == out or (src is not None and keys == src) or any(f in keys.parents for f in folders):
+        raise OutputError(f"the content keys path {str(keys_path)!r} is the output, the input or inside a model "
+                          "folder, where the keys would be lost or shipped with the model; keep them apart "
+                          "(e.g. OUT.keys next to the output)")
+    check_output(keys_path, kind="file", inputs=[p for p in (weights, out_path) if isinstance(p, (str, os.PathLike))])
+    if os.path.lexists(keys_path):
+        try:
+            ContentKeys.load(keys_path)
+            holds_keys = True
+        except ChiplockError:
+            holds_keys = False
+        if holds_keys:
+            raise OutputError(f"{str(keys_path)!r} holds the content keys of another locked model (the only way to "
+                              "issue licences for it); choose another path, or delete it yourself if that model "
+                              "is gone")
+        if not force:
+            raise OutputError(f"{str(keys_path)!r} already exists; choose another path or pass force=True (--force) "
+                              "to replace it")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Unlock.
-
-def _verify_signature(meta: Metadata, verify_key: Ed25519PublicKey | bytes | None) -> None:
-    if verify_key is None:
-        return
-    if isinstance(verify_key, bytes):
-        try:
-            verify_key = Ed25519PublicKey.from_public_bytes(verify_key)
-        except ValueError:
-            raise KeyFileError("verify_key is not a 32-byte Ed25519 public key; pass the vendor's public key") \
-                from None
-    if not isinstance(verify_key, Ed25519PublicKey):
-        raise TypeError("verify_key must be an Ed25519PublicKey or its 32 raw bytes")
-    sig = meta.signature
-    if not sig:
-        raise InvalidTag("the file is not signed but a vendor key was given; obtain a signed copy") from None
-    try:
-        verify_key.verify(bytes.fromhex(sig["sig"]), meta.canonical())
-    except (InvalidSignature, ValueError, TypeError):
-        raise InvalidTag() from None
-
 
 def _license_arg(license: License | str | os.PathLike | None) -> License | None:
     if license is None or isinstance(license, License):
@@ -325,7 +330,8 @@ def _open_keys(cs: list[Container], *, profile: DeviceProfile | None, secret: by
     folder), and check each group's header MAC: the content key of every wanted group."""
     transforms: dict[str, str] = {}
     for c in cs:
-        _verify_signature(c.meta, verify_key)
+        verify_signature(verify_key, c.meta.signature, c.meta.canonical(),
+                         unsigned="the file is not signed but a vendor key was given; obtain a signed copy")
         for label, g in c.meta.groups.items():
             if transforms.setdefault(label, g.transform) != g.transform:
                 raise ContainerError(f"the shards disagree on group {label!r}'s transform; re-download the folder")
@@ -379,9 +385,13 @@ def _decode(c: Container, entry: Any, info: TensorInfo, group_key: bytes) -> tor
                                 "upgrade chiplock")
     key = subkey(group_key, f"tensor/{tf.name}", entry.name)
     with c.stored(entry) as stored:
-        # Transforms that hash while they decode (aes) verify in the same pass; the others before decoding.
-        if not tf.fused_digest and tree_digest(stored) != info.digest:
-            raise InvalidTag() from None
+        # Transforms that verify while they decode (aes: GCM tags; pre-aes: leaf digests of a private copy) do it
+        # in the same pass; the others decode a private copy verified as it was made, never the mapping itself
+        # (the file could change between a check and a second read).
+        if not tf.fused_digest:
+            stored, root = copy_and_digest(stored)
+            if root != info.digest:
+                raise InvalidTag() from None
         leaves: list[bytes] = []
         fused = {"leaves": leaves} if tf.fused_digest else {}
         try:
@@ -515,18 +525,31 @@ def unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, secret
 
 
 def unlock_to_file(path: str | os.PathLike, out: str | os.PathLike, profile: DeviceProfile | None = None,
-                   secret: bytes | None = None, *, force: bool = False, **kw: Any) -> None:
-    """Unlock ``path`` and write plaintext safetensors to ``out`` (a folder of shards for a folder), streaming:
-    one tensor in memory at a time. ``out`` (mode 0600) appears only when complete and every byte verified.
+                   secret: bytes | None = None, *, license: License | str | os.PathLike | None = None,
+                   verify_key: Ed25519PublicKey | bytes | None = None, max_kdf_memory_kib: int | None = None,
+                   groups: Iterable[str] | None = None, force: bool = False,
+                   progress: Progress | None = None) -> None:
+    """Unlock ``path`` and write plaintext safetensors to ``out``, streaming: one tensor in memory at a time.
 
-    Arguments as :func:`unlock`; ``force`` lets ``out`` replace a file that is not a safetensors file (never a
-    container).
+    A file gives one ``.safetensors`` file (mode 0600); a folder of shards gives a folder of ``X.safetensors``
+    shards with ``model.safetensors.index.json`` and the side files (mode 0700). ``out`` appears only when
+    complete and every byte verified: a tampered tensor anywhere leaves nothing behind.
+
+    Args:
+        path, profile, secret, license, verify_key, max_kdf_memory_kib, groups, progress: As :func:`unlock`.
+        out: Where to write. Checked before any key work.
+        force: Let ``out`` replace a file (or non-empty folder) that is not a safetensors model; a chiplock
+            container or locked folder is never replaced.
+
+    Raises:
+        OutputError: ``out`` is the input, a container, or another kind of file (without ``force``). And as
+            :func:`unlock`.
+
+    Example:
+        >>> chiplock.unlock_to_file("locked/", "plain/", license="device.lic")  # doctest: +SKIP
     """
-    opts = dict(license=_license_arg(kw.pop("license", None)), verify_key=kw.pop("verify_key", None),
-                max_kdf_memory_kib=kw.pop("max_kdf_memory_kib", None), groups=kw.pop("groups", None))
-    progress = kw.pop("progress", None)
-    if kw:
-        raise TypeError(f"unlock_to_file got unexpected argument(s) {', '.join(kw)}")
+    opts = dict(license=_license_arg(license), verify_key=verify_key, max_kdf_memory_kib=max_kdf_memory_kib,
+                groups=groups)
     wanted = opts["groups"]
 
     def entries(c: Container) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -538,10 +561,8 @@ def unlock_to_file(path: str | os.PathLike, out: str | os.PathLike, profile: Dev
         c = open_container(path)
         keys = _open_keys([c], profile=profile, secret=secret, **opts)
         with atomic_writer(out, mode=0o600) as fh:
-            write_plain(fh, entries(c), _iter_container(c, keys, progress))
+            write_safetensors(fh, entries(c), _iter_container(c, keys, progress))
         return
-    from dataclasses import replace
-
     from chiplock.container.shards import check_output_dir, locked_dir_shards, unlock_dir
 
     locked = locked_dir_shards(path)
@@ -649,5 +670,5 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-__all__ = ["LowEntropyWarning", "decode_with_keys", "inspect", "iter_unlock", "load_state_dict", "load_weights", "lock", "unlock",
-           "unlock_to_file"]
+__all__ = ["LowEntropyWarning", "decode_with_keys", "inspect", "iter_unlock", "load_state_dict", "load_weights",
+           "lock", "unlock", "unlock_to_file"]

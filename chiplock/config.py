@@ -63,11 +63,12 @@ class LockConfig:
             raise ValueError(f"LockConfig version {self.version} is not supported (this chiplock knows 1)")
         if not isinstance(self.transform, str):
             raise ValueError("LockConfig.transform must be a transform name such as 'pre-aes'")
+        # Types first: a stray dict or string in groups must get this message, not an AttributeError.
+        if isinstance(self.groups, str) or not all(isinstance(g, GroupConfig) for g in self.groups):
+            raise ValueError("LockConfig.groups must hold GroupConfig objects")
         labels = [g.label for g in self.groups]
         if len(set(labels)) != len(labels):
             raise ValueError("LockConfig.groups has a label twice; give each group its own label")
-        if not all(isinstance(g, GroupConfig) for g in self.groups):
-            raise ValueError("LockConfig.groups must hold GroupConfig objects")
         for g in self.groups:
             if g.label == DEFAULT_GROUP and g.transform != self.transform:
                 raise ValueError(f"group {DEFAULT_GROUP!r} is the default group, whose transform is "

@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,10 @@ import chiplock
 from chiplock.api import load_state_dict
 from chiplock.container.shards import locked_dir_shards
 from chiplock.errors import ContainerError, UnsupportedConfig
+
+if TYPE_CHECKING:
+    from chiplock.license import License
+    from chiplock.profile import DeviceProfile
 
 __all__ = ["from_pretrained", "lock_pretrained"]
 
@@ -41,7 +45,7 @@ def _transformers() -> Any:
     return transformers
 
 
-def lock_pretrained(src_dir: str | os.PathLike, out_dir: str | os.PathLike, profile: Any = None,
+def lock_pretrained(src_dir: str | os.PathLike, out_dir: str | os.PathLike, profile: DeviceProfile | None = None,
                     **lock_kwargs: Any) -> dict[str, Any]:
     """Lock a Hugging Face model folder (as ``save_pretrained`` writes it) into a new locked folder.
 
@@ -65,6 +69,9 @@ def lock_pretrained(src_dir: str | os.PathLike, out_dir: str | os.PathLike, prof
         As :func:`chiplock.lock` and :func:`chiplock.container.shards.lock_dir` (``OutputError`` for an output
         folder that is the input, inside it, or not empty without ``force``; ``ContainerError`` for a malformed
         index; ``UnsupportedConfig`` for a folder without safetensors).
+
+    Example:
+        >>> chiplock.hf.lock_pretrained("tiny", "tiny-locked", content_keys_path="tiny.keys")  # doctest: +SKIP
     """
     # chiplock.lock takes folders (through chiplock.container.shards.lock_dir); this verb names the use case.
     return chiplock.lock(src_dir, out_dir, profile, **lock_kwargs)
@@ -115,8 +122,9 @@ def _names(keys: list[str]) -> str:
     return ", ".join(repr(k) for k in sorted(keys)[:_SHOW]) + more
 
 
-def from_pretrained(locked_dir: str | os.PathLike, model_class: Any = None, *, profile: Any = None,
-                    secret: bytes | None = None, license: Any = None, device: str | torch.device | None = None,
+def from_pretrained(locked_dir: str | os.PathLike, model_class: Any = None, *, profile: DeviceProfile | None = None,
+                    secret: bytes | None = None, license: License | str | os.PathLike | None = None,
+                    device: str | torch.device | None = None,
                     torch_dtype: torch.dtype | None = None, **unlock_kwargs: Any) -> torch.nn.Module:
     """Build a transformers model from a locked folder, unlocking its weights shard by shard on this device.
 
@@ -168,18 +176,18 @@ def from_pretrained(locked_dir: str | os.PathLike, model_class: Any = None, *, p
         return [n for n in names if n not in expected and not any(p.search(n) for p in ignored)]
 
     # The public index names every tensor: refuse a folder for another model before any key work.
-    extra = unexpected(ld.weight_map)
-    if extra:
-        raise ContainerError(f"the locked folder holds tensors this {type(model).__name__} does not have: "
-                             f"{_names(extra)}; pass the right model_class or check config.json")
+    def refuse_unexpected(names: Any) -> None:
+        extra = unexpected(names)
+        if extra:
+            raise ContainerError(f"the locked folder holds tensors this {type(model).__name__} does not have: "
+                                 f"{_names(extra)}; pass the right model_class or check config.json")
+
+    refuse_unexpected(ld.weight_map)
     # One pass over the folder: the licence is opened once, and each tensor replaces its meta parameter as it
     # is unlocked (cast to the model's dtype), so memory holds the model plus one tensor.
     missed, extra = load_state_dict(model, ld.folder, profile, secret, strict=False, device=device,
                                     license=license, **unlock_kwargs)
-    extra = unexpected(extra)
-    if extra:
-        raise ContainerError(f"the locked folder holds tensors this {type(model).__name__} does not have: "
-                             f"{_names(extra)}; pass the right model_class or check config.json")
+    refuse_unexpected(extra)
     _tie(model, set(missed))
     buffers = {n for n, _ in model.named_buffers()}
     now = model.state_dict(keep_vars=True)

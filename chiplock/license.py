@@ -37,7 +37,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from chiplock import _json
 from chiplock._io import atomic_write_bytes, read_capped
+from chiplock._json import is_hex
 from chiplock._json import show as _show
+from chiplock.container.schema import MAX_GROUPS, is_signature, label_problem
 from chiplock.errors import (ContainerError, FileAccessError, InvalidKey, InvalidTag, KeyFileError,
                              ProfileError, UnsupportedConfig, WeakKey)
 from chiplock.fingerprint import get_source
@@ -47,12 +49,11 @@ from chiplock.profile import DeviceKey, DeviceProfile
 from chiplock.transforms import get_transform
 
 __all__ = ["ContentKeys", "GroupKey", "License", "LowEntropyWarning", "MIN_SECRET_BYTES", "Wrap",
-           "check_key_strength", "device_key", "issue_license", "open_license"]
+           "check_key_strength", "device_key", "issue_license", "open_license", "sign", "verify_signature"]
 
 #: A vendor secret shorter than this does not count as one (it could be guessed alongside the fingerprint).
 MIN_SECRET_BYTES = 16
-#: Caps on what a licence or keys file may hold.
-MAX_GROUPS = 64
+#: Caps on what a licence or keys file may hold (groups: as many as a container has, ``MAX_GROUPS``).
 MAX_SOURCES = 16
 MAX_LICENSE_BYTES = 16 << 20
 MAX_KEYS_BYTES = 1 << 20
@@ -70,23 +71,35 @@ _WRAPPED_BYTES = {GCM: KEY_LEN + 16, CTR: KEY_LEN}
 _KEK_INFO = b"chiplock license kek v1"
 _AAD_PREFIX = b"chiplock license v1\0"
 _SIG_PREFIX = b"chiplock license signature v1\0"
-_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_LOWER_HEX = re.compile(r"(?:[0-9a-f]{2})*")
 _LICENSE_FIELDS = frozenset({"chiplock_license", "content_id", "sources", "kdf", "secret", "salt", "wraps"})
 _KEYS_FIELDS = frozenset({"chiplock_content_keys", "content_id", "groups"})
+
+
+def _read_json_file(path: str | os.PathLike, what: str, cap: int, limits: _json.Limits,
+                    errors: tuple[type[Exception], type[Exception]], *, not_found: str, damaged: str) -> Any:
+    """Parse a small JSON file with caps; ``errors`` = (class for a missing or unreadable file, class for bad
+    JSON), ``not_found`` and ``damaged`` say what to do."""
+    where = repr(os.fspath(path))
+    try:
+        raw = read_capped(path, cap)
+    except FileNotFoundError:
+        raise errors[0](f"{what} {where} not found; {not_found}") from None
+    except OSError as exc:
+        raise errors[0](f"{what} {where} is unreadable ({exc.strerror or type(exc).__name__}); check the path and "
+                        "its permissions") from None
+    try:
+        return _json.loads(raw, limits)
+    except _json.JSONLimitError as exc:
+        raise errors[1](f"{what} {where} is unreadable (it {exc}); {damaged}") from None
 
 
 class LowEntropyWarning(UserWarning):
     """The key rests on fewer than 64 estimated bits (or an unknown amount) and no vendor secret."""
 
 
-def _is_hex(x: Any, nbytes: int) -> bool:
-    return isinstance(x, str) and len(x) == 2 * nbytes and bool(_LOWER_HEX.fullmatch(x))
-
-
 def _check_label(label: Any, what: str = "group label") -> None:
-    if not (isinstance(label, str) and _LABEL.fullmatch(label)):
+    if label_problem(label):
         raise ValueError(f"{what} {_show(label)} must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '.', '-'")
 
 
@@ -234,21 +247,10 @@ class ContentKeys:
         Example:
             >>> keys = ContentKeys.load("model.chiplock.keys")  # doctest: +SKIP
         """
-        where = repr(os.fspath(path))
-        try:
-            raw = read_capped(path, MAX_KEYS_BYTES)
-        except FileNotFoundError:
-            raise KeyFileError(f"content keys file {where} not found; pass the keys file that `chiplock lock` wrote "
-                               "for this model (by default <model>.keys)") from None
-        except OSError as exc:
-            raise KeyFileError(f"content keys file {where} is unreadable ({exc.strerror or type(exc).__name__}); "
-                               "check the path and its permissions") from None
-        try:
-            data = _json.loads(raw, KEYS_LIMITS)
-        except _json.JSONLimitError as exc:
-            raise KeyFileError(f"content keys file {where} is unreadable (it {exc}); restore it from your "
-                               "backup") from None
-        return cls.from_json(data, where=where)
+        data = _read_json_file(path, "content keys file", MAX_KEYS_BYTES, KEYS_LIMITS, (KeyFileError, KeyFileError),
+                               not_found="pass the keys file that `chiplock lock` wrote for this model (by default "
+                               "<model>.keys)", damaged="restore it from your backup")
+        return cls.from_json(data, where=repr(os.fspath(path)))
 
     @classmethod
     def from_json(cls, data: Any, *, where: str = "") -> ContentKeys:
@@ -270,17 +272,17 @@ class ContentKeys:
                                "upgrade chiplock")
         if set(data) != _KEYS_FIELDS:
             bad("missing or unknown fields")
-        if not _is_hex(data["content_id"], CONTENT_ID_BYTES):
+        if not is_hex(data["content_id"], CONTENT_ID_BYTES):
             bad("content_id is not 16 bytes of lowercase hex")
         groups = data["groups"]
         if not (isinstance(groups, dict) and 1 <= len(groups) <= MAX_GROUPS):
             bad(f"groups is not an object of 1 to {MAX_GROUPS} groups")
         out = {}
         for label, g in groups.items():
-            if not _LABEL.fullmatch(label):
+            if label_problem(label):
                 bad(f"group label {_show(label)} is not 1 to 64 characters of [A-Za-z0-9_.-]")
             if not (isinstance(g, dict) and set(g) == {"transform", "key"} and isinstance(g["transform"], str)
-                    and _is_hex(g["key"], KEY_LEN)):
+                    and is_hex(g["key"], KEY_LEN)):
                 bad(f"group {label} is not {{transform, key (32 bytes of lowercase hex)}}")
             try:
                 get_transform(g["transform"])
@@ -486,9 +488,9 @@ class License:
                                  f"{LICENSE_VERSION}); upgrade chiplock")
         if not _LICENSE_FIELDS <= set(data) or set(data) - _LICENSE_FIELDS - {"signature"}:
             raise _damaged("missing or unknown fields")
-        if not _is_hex(data["content_id"], CONTENT_ID_BYTES):
+        if not is_hex(data["content_id"], CONTENT_ID_BYTES):
             raise _damaged("content_id is not 16 bytes of lowercase hex")
-        if not _is_hex(data["salt"], SALT_BYTES):
+        if not is_hex(data["salt"], SALT_BYTES):
             raise _damaged("salt is not 16 bytes of lowercase hex")
         if not isinstance(data["secret"], bool):
             raise _damaged("secret is not true or false")
@@ -499,20 +501,18 @@ class License:
             raise _damaged(f"wraps is not an object of 1 to {MAX_GROUPS} groups")
         out = {}
         for label, w in wraps.items():
-            if not _LABEL.fullmatch(label):
+            if label_problem(label):
                 raise _damaged(f"group label {_show(label)} is not 1 to 64 characters of [A-Za-z0-9_.-]")
             alg = w.get("alg") if isinstance(w, dict) else None
             if not (isinstance(w, dict) and set(w) == {"alg", "nonce", "wrapped"} and alg in (GCM, CTR)
-                    and _is_hex(w["nonce"], _NONCE_BYTES[alg]) and _is_hex(w["wrapped"], _WRAPPED_BYTES[alg])):
+                    and is_hex(w["nonce"], _NONCE_BYTES[alg]) and is_hex(w["wrapped"], _WRAPPED_BYTES[alg])):
                 raise _damaged(f"the wrap of group {label} is not {{alg: aes-256-gcm|aes-256-ctr, nonce, wrapped}} "
                                "of the right lengths in lowercase hex")
             out[label] = Wrap(alg, bytes.fromhex(w["nonce"]), bytes.fromhex(w["wrapped"]))
         if len({w.alg for w in out.values()}) != 1:
             raise _damaged("it mixes aes-256-gcm and aes-256-ctr wraps")
         sig = data.get("signature")
-        if sig is not None and not (isinstance(sig, dict) and set(sig) == {"alg", "public_key", "sig"}
-                                    and sig["alg"] == "ed25519" and _is_hex(sig["public_key"], 32)
-                                    and _is_hex(sig["sig"], 64)):
+        if sig is not None and not is_signature(sig):
             raise _damaged("the signature is not ed25519 with a 32-byte public key and a 64-byte signature in "
                            "lowercase hex")
         return cls(content_id=bytes.fromhex(data["content_id"]), sources=sources, kdf=kdf, secret=data["secret"],
@@ -540,20 +540,10 @@ class License:
         Example:
             >>> lic = License.load("device-17.lic")  # doctest: +SKIP
         """
-        where = repr(os.fspath(path))
-        try:
-            raw = read_capped(path, MAX_LICENSE_BYTES)
-        except FileNotFoundError:
-            raise FileAccessError(f"licence file {where} not found; ask the vendor for a licence for this device "
-                                  "(`chiplock license issue`)") from None
-        except OSError as exc:
-            raise FileAccessError(f"licence file {where} is unreadable ({exc.strerror or type(exc).__name__}); "
-                                  "check the path and its permissions") from None
-        try:
-            data = _json.loads(raw, LICENSE_LIMITS)
-        except _json.JSONLimitError as exc:
-            raise ContainerError(f"licence file {where} is unreadable (it {exc}); ask the vendor for a fresh "
-                                 "copy") from None
+        data = _read_json_file(path, "licence file", MAX_LICENSE_BYTES, LICENSE_LIMITS,
+                               (FileAccessError, ContainerError),
+                               not_found="ask the vendor for a licence for this device (`chiplock license issue`)",
+                               damaged="ask the vendor for a fresh copy")
         return cls.from_json(data)
 
 
@@ -583,10 +573,6 @@ def _public(content_id: bytes, sources: Iterable[Mapping[str, Any]], kdf: KdfPar
             "kdf": kdf.to_json(), "secret": secret, "salt": salt.hex()}
 
 
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
 def _aad(content_id: bytes, label: str, public: bytes) -> bytes:
     # Labels cannot hold "{", so label + canonical JSON is unambiguous: a wrap cannot move to another file,
     # group or device's licence (the public fields name the device's sources and KDF salt).
@@ -604,7 +590,7 @@ def _ctr(kek: bytes, nonce: bytes, data: bytes) -> bytes:
 
 
 def _signed_bytes(lic: License) -> bytes:
-    return _SIG_PREFIX + _canonical(lic._unsigned())
+    return _SIG_PREFIX + _json.canonical(lic._unsigned())
 
 
 def issue_license(keys: ContentKeys, profile: DeviceProfile, *, secret: bytes | None = None,
@@ -665,7 +651,7 @@ def issue_license(keys: ContentKeys, profile: DeviceProfile, *, secret: bytes | 
     dk = device_key(profile, kdf)
     salt = os.urandom(SALT_BYTES)
     sources = tuple({"source": e.source, "helper": e.helper} for e in profile.enrollments)
-    public = _canonical(_public(keys.content_id, sources, dk.kdf, secret is not None, salt))
+    public = _json.canonical(_public(keys.content_id, sources, dk.kdf, secret is not None, salt))
     kek = _kek(dk.key, secret, salt)
     gcm = AESGCM(kek)
     wraps = {}
@@ -681,9 +667,7 @@ def issue_license(keys: ContentKeys, profile: DeviceProfile, *, secret: bytes | 
                   wraps=wraps)
     if signing_key is None:
         return lic
-    sig = {"alg": "ed25519", "public_key": signing_key.public_key().public_bytes_raw().hex(),
-           "sig": signing_key.sign(_signed_bytes(lic)).hex()}
-    return replace(lic, signature=sig)
+    return replace(lic, signature=sign(signing_key, _signed_bytes(lic)))
 
 
 def _labels(groups: Any) -> list[str]:
@@ -696,7 +680,45 @@ def _labels(groups: Any) -> list[str]:
     return out
 
 
-def _verify_signature(lic: License, verify_key: Ed25519PublicKey | bytes | None) -> None:
+def sign(signing_key: Ed25519PrivateKey, message: bytes) -> dict[str, str]:
+    """The signature field (of a container or a licence) over ``message``.
+
+    Args:
+        signing_key: The vendor's Ed25519 private key.
+        message: The canonical bytes the signature covers.
+
+    Returns:
+        ``{"alg": "ed25519", "public_key": hex, "sig": hex}``, the shape :func:`verify_signature` checks.
+
+    Example:
+        >>> field = sign(Ed25519PrivateKey.generate(), b"header")
+        >>> sorted(field), field["alg"]
+        (['alg', 'public_key', 'sig'], 'ed25519')
+    """
+    return {"alg": "ed25519", "public_key": signing_key.public_key().public_bytes_raw().hex(),
+            "sig": signing_key.sign(message).hex()}
+
+
+def verify_signature(verify_key: Ed25519PublicKey | bytes | None, signature: Mapping[str, str] | None,
+                     message: bytes, *, unsigned: str) -> None:
+    """Check a signature field over ``message`` against the vendor's key; do nothing without a key.
+
+    Args:
+        verify_key: The vendor's Ed25519 public key (or its 32 raw bytes), or ``None`` to skip the check.
+        signature: The parsed signature field (its shape already checked, see
+            :func:`chiplock.container.schema.is_signature`), or ``None`` when the document is unsigned.
+        message: The canonical bytes the signature must cover.
+        unsigned: The :class:`InvalidTag` message when a key is given but the document is unsigned.
+
+    Raises:
+        KeyFileError: ``verify_key`` is bytes but not an Ed25519 public key.
+        TypeError: ``verify_key`` is of another type.
+        InvalidTag: The document is unsigned (message ``unsigned``), or the signature does not verify (no detail).
+
+    Example:
+        >>> key = Ed25519PrivateKey.generate()
+        >>> verify_signature(key.public_key(), sign(key, b"m"), b"m", unsigned="not signed")
+    """
     if verify_key is None:
         return
     if isinstance(verify_key, bytes):
@@ -707,10 +729,10 @@ def _verify_signature(lic: License, verify_key: Ed25519PublicKey | bytes | None)
                 from None
     if not isinstance(verify_key, Ed25519PublicKey):
         raise TypeError("verify_key must be an Ed25519PublicKey or its 32 raw bytes")
-    if lic.signature is None:
-        raise InvalidTag("the licence is not signed but a vendor key was given; obtain a signed licence") from None
+    if not signature:
+        raise InvalidTag(unsigned) from None
     try:
-        verify_key.verify(bytes.fromhex(lic.signature["sig"]), _signed_bytes(lic))
+        verify_key.verify(bytes.fromhex(signature["sig"]), message)
     except (InvalidSignature, ValueError, TypeError, KeyError):
         raise InvalidTag() from None
 
@@ -797,7 +819,8 @@ def open_license(lic: License, *, content_id: bytes, transforms: Mapping[str, st
     if not hmac.compare_digest(lic.content_id, content_id):
         raise ContainerError("this licence is for another model file (its content id differs); pass the licence "
                              "issued for this model")
-    _verify_signature(lic, verify_key)
+    verify_signature(verify_key, lic.signature, _signed_bytes(lic),
+                     unsigned="the licence is not signed but a vendor key was given; obtain a signed licence")
     if lic.secret and secret is None:
         raise ProfileError("this licence was issued with a vendor secret; pass it (secret=... / --secret-file)")
     if not lic.secret and secret is not None:
@@ -817,7 +840,7 @@ def open_license(lic: License, *, content_id: bytes, transforms: Mapping[str, st
     # The device's own cap on Argon2id cost, checked before any work.
     kdf = KdfParams.from_json(lic.kdf.to_json(), max_memory_kib=max_kdf_memory_kib)
     kek = _kek(_open_device_key(lic, profile, kdf), secret, lic.salt)
-    public = _canonical(lic._public())
+    public = _json.canonical(lic._public())
     out = {}
     for label in labels:
         w = lic.wraps[label]

@@ -112,6 +112,10 @@ def _identity(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: Entry points already imported by :func:`load_plugins` (each is imported once per process).
+_LOADED: list[str] = []
+
+
 def load_plugins() -> list[str]:
     """Import every module named by a ``chiplock.plugins`` entry point (each registers its own plug-ins).
 
@@ -125,9 +129,6 @@ def load_plugins() -> list[str]:
             ep.load()
             _LOADED.append(ep.name)
     return list(_LOADED)
-
-
-_LOADED: list[str] = []
 
 
 def choices_enum(name: str, values: Iterable[str]) -> type[enum.Enum]:
@@ -166,6 +167,8 @@ class Option:
 
     @property
     def flags(self) -> tuple[str, ...]:
+        """The option's flags for the CLI: ``flag``, ``--name`` (``_`` as ``-``), or ``--name/--no-name`` for a
+        ``bool``."""
         if self.flag is not None:
             return (self.flag,)
         if self.type is bool:

@@ -12,13 +12,14 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import IO, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from chiplock import _json
-from chiplock._dtypes import DTYPE_BY_NAME, DTYPE_NAMES, STORED_DTYPES
+from chiplock._dtypes import DTYPE_BY_NAME, DTYPE_NAMES, STORED_DTYPES, raw_view
+from chiplock._json import show as _show
 from chiplock.container.reader import Entry, read_header_bytes, tensor_entries
 from chiplock.container.schema import HEADER_LIMITS
 from chiplock.errors import ContainerError, UnsupportedConfig
@@ -96,29 +97,75 @@ def read_plain(path: str | os.PathLike) -> PlainFile:
     return PlainFile(os.fspath(path), entries, start, meta)
 
 
-def write_plain(fh: IO[bytes], entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file to ``fh`` from ``entries`` known up front and ``tensors`` arriving one by one
-    (in the same order, with the same dtypes and shapes).
+def _short(x: object) -> str:
+    return _show(x, 120)
+
+
+def write_safetensors(fh: IO[bytes], entries: Iterable[tuple[str, str | torch.dtype, Iterable[int]]],
+                      tensors: Iterable[tuple[str, torch.Tensor]], *,
+                      metadata: dict[str, str] | None = None) -> int:
+    """Stream tensors into a safetensors file whose header is known up front; return the file's size.
+
+    The header (names, dtypes, shapes) is written first, then each tensor at its offset as it arrives, in any
+    order, so only one tensor is in memory at a time.
+
+    Args:
+        fh: A seekable binary file, empty, positioned at 0.
+        entries: ``[(name, dtype, shape), ...]`` in file order; dtype a name of
+            :data:`chiplock._dtypes.STORED_DTYPES` (``"F32"``) or a ``torch.dtype``.
+        tensors: ``(name, tensor)`` pairs; each entry exactly once, with that dtype and shape.
+        metadata: safetensors ``__metadata__`` (str -> str); default ``{"format": "pt"}`` (what transformers
+            expects).
+
+    Returns:
+        The size of the file in bytes.
 
     Raises:
-        ContainerError: A tensor does not match its entry (the source changed while being read).
+        UnsupportedConfig: An entry's dtype cannot be stored in safetensors.
+        ContainerError: A tensor is not in ``entries``, comes twice, has another dtype or shape, or one is
+            missing (the locked model is damaged).
+
+    Example:
+        >>> with open("w.safetensors", "wb") as fh:  # doctest: +SKIP
+        ...     write_safetensors(fh, [("w", "F32", (2,))], [("w", torch.zeros(2))])
     """
-    header: dict = {"__metadata__": metadata} if metadata else {}
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    layout: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     offset = 0
     for name, dtype, shape in entries:
-        n = math.prod(shape) * STORED_DTYPES[DTYPE_NAMES[dtype]]
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        dname = DTYPE_NAMES.get(dtype) if isinstance(dtype, torch.dtype) else dtype
+        if dname not in STORED_DTYPES:
+            raise UnsupportedConfig(f"tensor {_short(name)} has dtype {_short(dtype)}, which safetensors cannot "
+                                    "store here; upgrade chiplock")
+        if name in layout:
+            raise ContainerError(f"tensor {_short(name)} is listed twice; the locked model is damaged: obtain a "
+                                 "fresh copy")
+        shape = tuple(int(d) for d in shape)
+        n = math.prod(shape) * STORED_DTYPES[dname]
+        header[name] = {"dtype": dname, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        layout[name] = (dname, shape, offset, n)
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    base = 8 + len(raw)
     fh.write(struct.pack("<Q", len(raw)) + raw)
-    it = iter(tensors)
-    for name, dtype, shape in entries:
-        got = next(it, None)
-        if got is None or got[0] != name or got[1].dtype != dtype or tuple(got[1].shape) != tuple(shape):
-            raise ContainerError(f"tensor {name!r} did not arrive as announced; nothing was written")
-        t = got[1].detach().cpu().contiguous()
-        if t.numel():
-            fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        del t, got
+    fh.truncate(base + offset)
+    seen: set[str] = set()
+    for name, t in tensors:
+        if name not in layout or name in seen:
+            why = "twice" if name in seen else "but the header or index does not list it"
+            raise ContainerError(f"tensor {_short(name)} came {why}; the locked model is damaged: obtain a fresh "
+                                 "copy")
+        dname, shape, start, n = layout[name]
+        if DTYPE_NAMES.get(t.dtype) != dname or tuple(t.shape) != shape:
+            raise ContainerError(f"tensor {_short(name)} has dtype {t.dtype} and shape {tuple(t.shape)}, not "
+                                 f"{dname} {list(shape)} as its header says; the locked model is damaged")
+        fh.seek(base + start)
+        fh.write(memoryview(raw_view(t)).cast("B"))
+        seen.add(name)
+        del t
+    missing = [n for n in layout if n not in seen]
+    if missing:
+        raise ContainerError(f"tensor(s) {', '.join(map(_short, missing[:3]))} never came out of the container; "
+                             "the locked model is damaged: obtain a fresh copy")
+    return base + offset

@@ -9,13 +9,14 @@ key: :meth:`Metadata.from_json` checks every field's type and size, and cross-ch
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from chiplock import _json
 from chiplock._dtypes import STORED_DTYPES
+from chiplock._json import canonical as _canonical
+from chiplock._json import is_hex
 from chiplock._json import show as _show
 from chiplock.errors import ContainerError, InvalidTag, UnsupportedConfig
 
@@ -34,7 +35,6 @@ MAX_SHARDS = 100_000
 #: JSON caps for the header (and, counted in the same bytes, the metadata string inside it).
 HEADER_LIMITS = _json.Limits(max_bytes=MAX_HEADER, max_depth=64, max_containers=2_000_000, max_items=3_000_000)
 
-_HEX = re.compile(r"[0-9a-f]*")
 _LABEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _TENSOR_FIELDS = frozenset({"group", "dtype", "shape", "params", "digest"})
 _GROUP_FIELDS = frozenset({"transform", "mac"})
@@ -50,8 +50,11 @@ def fail(why: str) -> ContainerError:
                           "again with `chiplock lock`)")
 
 
-def is_hex(x: object, nbytes: int) -> bool:
-    return isinstance(x, str) and len(x) == 2 * nbytes and _HEX.fullmatch(x) is not None
+def is_signature(sig: object) -> bool:
+    """Whether ``sig`` has the shape of a signature field (a container's or a licence's):
+    ``{"alg": "ed25519", "public_key": <32 bytes of lowercase hex>, "sig": <64 bytes of lowercase hex>}``."""
+    return (isinstance(sig, dict) and set(sig) == {"alg", "public_key", "sig"} and sig["alg"] == "ed25519"
+            and is_hex(sig["public_key"], 32) and is_hex(sig["sig"], 64))
 
 
 def label_problem(label: object) -> str | None:
@@ -82,10 +85,6 @@ def tensor_name_problem(name: object) -> str | None:
     if n > MAX_NAME_BYTES:
         return f"is longer than {MAX_NAME_BYTES} bytes"
     return None
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def canonical(meta: Mapping[str, Any]) -> bytes:
@@ -210,9 +209,7 @@ class Metadata:
         if created_by is not None and not (isinstance(created_by, str) and len(created_by) <= 256):
             raise fail("the chiplock metadata's created_by is not a short string")
         sig = meta.get("signature")
-        if sig is not None and not (isinstance(sig, dict) and set(sig) == {"alg", "public_key", "sig"}
-                                    and sig["alg"] == "ed25519" and is_hex(sig["public_key"], 32)
-                                    and is_hex(sig["sig"], 64)):
+        if sig is not None and not is_signature(sig):
             raise fail("the signature is malformed (it must be ed25519 with a 32-byte public key and a 64-byte "
                        "signature, in lowercase hex)")
         groups = _groups(meta["groups"])

@@ -1,8 +1,9 @@
 """Sharded model folders: plan a Hugging Face folder, lock it shard by shard, unlock it back.
 
 This module only walks folders, reads and writes the two index files and copies side files; what happens to
-one shard is a callable the caller supplies (``lock_one``, ``iter_shard``, ``shard_header``), so it depends on
-no container internals.
+one shard is a callable the caller supplies (``lock_one``, ``iter_shard``, ``shard_header``), so it needs no key
+and no container internals: only the plain safetensors reader and writer (:mod:`chiplock.container.plain`) and
+the schema's caps on names and shard counts.
 
 Layouts:
 
@@ -30,22 +31,24 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import secrets
 import shutil
 import stat
-import struct
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
 from chiplock import _json
-from chiplock._dtypes import DTYPE_NAMES, STORED_DTYPES, raw_view
-from chiplock._io import os_error, read_capped
+from chiplock._dtypes import DTYPE_NAMES, STORED_DTYPES
+from chiplock._io import os_error, process_gone, read_capped
+from chiplock.container.plain import read_plain, write_safetensors
+from chiplock.container.schema import MAX_SHARDS, tensor_name_problem
 from chiplock.errors import ContainerError, OutputError, UnsupportedConfig
 
 __all__ = ["HF_INDEX", "LOCKED_INDEX", "LOCKED_SUFFIX", "LockedDir", "SourcePlan", "check_output_dir", "is_locked_dir",
@@ -67,12 +70,7 @@ _TMP_PREFIX, _OLD_PREFIX = ".chiplock-tmp-", ".chiplock-old-"
 _NAME_KEEP = 64
 #: Caps on an index file: a 1-trillion-parameter model's index is a few MiB.
 MAX_INDEX_BYTES = 64 << 20
-MAX_SHARDS = 100_000
-MAX_NAME_BYTES = 1024
 _INDEX_LIMITS = _json.Limits(max_bytes=MAX_INDEX_BYTES, max_depth=32)
-#: Caps on a source shard's safetensors header (safetensors' own reader allows 100 MB).
-MAX_SHARD_HEADER = 100 << 20
-_HEADER_LIMITS = _json.Limits(max_bytes=MAX_SHARD_HEADER, max_depth=16)
 
 Progress = Callable[[str, int, int], None]
 #: ``lock_one(src_shard, out_shard, index, count) -> public metadata of the written shard``.
@@ -170,16 +168,6 @@ def _name_problem(name: object) -> str | None:
     return None
 
 
-def _tensor_problem(name: object) -> str | None:
-    if not isinstance(name, str) or not name:
-        return "is not a non-empty string"
-    if name == "__metadata__" or "\0" in name:
-        return "is reserved or holds a NUL character"
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        return f"is longer than {MAX_NAME_BYTES} bytes"
-    return None
-
-
 def _check_index(doc: Any, path: Path, suffix: str) -> tuple[dict[str, str], dict]:
     """(weight_map, metadata) of a parsed index, or ContainerError naming what is wrong."""
 
@@ -201,7 +189,7 @@ def _check_index(doc: Any, path: Path, suffix: str) -> tuple[dict[str, str], dic
         raise bad(f'has unusable "metadata" ({problem})')
     shards = set()
     for tensor, shard in wm.items():
-        why = _tensor_problem(tensor)
+        why = tensor_name_problem(tensor)
         if why:
             raise bad(f"lists a tensor name that {why}")
         if not isinstance(shard, str):
@@ -221,36 +209,6 @@ def _check_index(doc: Any, path: Path, suffix: str) -> tuple[dict[str, str], dic
     if missing:
         raise bad(f"names shard file(s) missing from the folder: {', '.join(map(_short, missing[:3]))}")
     return dict(wm), meta
-
-
-def _safetensors_names(path: Path) -> list[str]:
-    """Tensor names of a plaintext safetensors file, from its bounded header (no tensor data read)."""
-    def bad(why: str) -> ContainerError:
-        return ContainerError(f"the weights file {_short(path)} {why}; it is not an intact safetensors file: "
-                              "restore it from the original model folder")
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise bad("is shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > min(MAX_SHARD_HEADER, size - 8):
-                raise bad("declares a header larger than the file or than 100 MiB")
-            raw = fh.read(n)
-    except OSError as exc:
-        raise os_error(exc, path, "read") from None
-    try:
-        header = _json.loads(raw, _HEADER_LIMITS)
-    except _json.JSONLimitError as exc:
-        raise bad(f"has a header that {exc}") from None
-    if not isinstance(header, dict):
-        raise bad("has a header that is not a JSON object")
-    names = [k for k in header if k != "__metadata__"]
-    for k in names:
-        if _tensor_problem(k):
-            raise bad(f"holds a tensor name that {_tensor_problem(k)}")
-    return names
 
 
 def plan_source(path: str | os.PathLike) -> SourcePlan:
@@ -312,7 +270,8 @@ def plan_source(path: str | os.PathLike) -> SourcePlan:
                                     "with chiplock.lock")
     weight_map: dict[str, str] = {}
     for shard in shards:
-        for name in _safetensors_names(shard):
+        # The shard's header is checked as the locker will read it (caps, offsets, size), before any key work.
+        for name in (e.name for e in read_plain(shard).entries):
             if name in weight_map:
                 raise ContainerError(f"tensor {_short(name)} is in both {_short(weight_map[name])} and "
                                      f"{_short(shard.name)}; restore the model folder")
@@ -456,18 +415,6 @@ def check_output_dir(src: str | os.PathLike, out: str | os.PathLike, *, force: b
     return True
 
 
-def _pid_gone(pid: int) -> bool:
-    if os.name != "posix" or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
 def _sweep_stale(parent: Path, name: str) -> None:
     """Remove hidden build folders for ``name`` left by processes that no longer exist (``kill -9``, a crash)."""
     heads = tuple(f"{prefix}{name[:_NAME_KEEP]}." for prefix in (_TMP_PREFIX, _OLD_PREFIX))
@@ -480,7 +427,7 @@ def _sweep_stale(parent: Path, name: str) -> None:
         if head is None:
             continue
         pid_text = entry[len(head):].split(".")[0]
-        if pid_text.isdigit() and _pid_gone(int(pid_text)):
+        if pid_text.isdigit() and process_gone(int(pid_text)):
             shutil.rmtree(parent / entry, ignore_errors=True)
 
 
@@ -668,62 +615,6 @@ def _header_entries(shard: Path, shard_header: ShardHeader) -> list[tuple[str, s
     return out
 
 
-def write_safetensors(fh: IO[bytes], entries: list[tuple[str, str, tuple[int, ...]]],
-                      tensors: Iterable[tuple[str, torch.Tensor]], *,
-                      metadata: dict[str, str] | None = None) -> int:
-    """Stream tensors into a safetensors file whose header is known up front; return the file's size.
-
-    The header (names, dtype names as in :data:`chiplock._dtypes.STORED_DTYPES`, shapes) is written first,
-    then each tensor at its offset as it arrives, in any order, so only one tensor is in memory at a time.
-
-    Args:
-        fh: A seekable binary file, empty, positioned at 0.
-        entries: ``[(name, dtype name, shape), ...]`` in file order.
-        tensors: ``(name, tensor)`` pairs; each entry exactly once, with that dtype and shape.
-        metadata: safetensors ``__metadata__`` (str -> str); default ``{"format": "pt"}`` (what transformers
-            expects).
-
-    Raises:
-        ContainerError: A tensor is not in ``entries``, comes twice, has another dtype or shape, or one is
-            missing.
-    """
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    layout: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-    offset = 0
-    for name, dname, shape in entries:
-        if name in layout:
-            raise ContainerError(f"tensor {_short(name)} is listed twice; the locked file is damaged")
-        n = STORED_DTYPES[dname]
-        for d in shape:
-            n *= d
-        header[name] = {"dtype": dname, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        layout[name] = (dname, shape, offset, n)
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    base = 8 + len(raw)
-    fh.write(struct.pack("<Q", len(raw)) + raw)
-    fh.truncate(base + offset)
-    seen: set[str] = set()
-    for name, t in tensors:
-        if name not in layout or name in seen:
-            why = "twice" if name in seen else "but its index does not list it there"
-            raise ContainerError(f"tensor {_short(name)} came {why}; the locked folder is damaged: obtain a fresh "
-                                 "copy")
-        dname, shape, start, n = layout[name]
-        if DTYPE_NAMES.get(t.dtype) != dname or tuple(t.shape) != shape:
-            raise ContainerError(f"tensor {_short(name)} has dtype {t.dtype} and shape {tuple(t.shape)}, not "
-                                 f"{dname} {list(shape)} as its header says; the locked folder is damaged")
-        fh.seek(base + start)
-        fh.write(memoryview(raw_view(t)).cast("B"))
-        seen.add(name)
-    missing = [n for n in layout if n not in seen]
-    if missing:
-        raise ContainerError(f"tensor(s) {', '.join(map(_short, missing[:3]))} never came out of the container; "
-                             "the locked folder is damaged: obtain a fresh copy")
-    return base + offset
-
-
 def unlock_dir(locked: str | os.PathLike | LockedDir, out_dir: str | os.PathLike, iter_shard: IterShard,
                shard_header: ShardHeader, *, force: bool = False,
                progress: Progress | None = None) -> dict[str, Any]:
@@ -768,7 +659,7 @@ def unlock_dir(locked: str | os.PathLike | LockedDir, out_dir: str | os.PathLike
             except OSError as exc:
                 raise os_error(exc, target, "write") from None
             names.append(target.name)
-            total += sum(STORED_DTYPES[d] * _numel(s) for _, d, s in headers[shard.name])
+            total += sum(STORED_DTYPES[d] * math.prod(s) for _, d, s in headers[shard.name])
             if progress:
                 progress("shards", done, len(ld.shards))
         # A lone model.safetensors loads without an index; any other naming needs one to be found.
@@ -780,13 +671,6 @@ def unlock_dir(locked: str | os.PathLike | LockedDir, out_dir: str | os.PathLike
             _write_index(tmp / HF_INDEX, {"metadata": meta, "weight_map": wm})
         side = _copy_side_files(ld.side_files, tmp)
     return {"path": str(out), "shards": names, "side_files": side, "total_size": total}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _check_weight_map(ld: LockedDir, headers: dict[str, list]) -> None:

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from chiplock._dtypes import NUMPY_CODE_NAMES, STORED_DTYPES
+from chiplock._digest import TREE_CHUNK, leaf_digest
 from chiplock._pool import release_mapped
 from chiplock.errors import ContainerError
 from chiplock.transforms import _pre_aes_kernel as _kernel
@@ -597,6 +598,7 @@ def _buffer(n: int, dtype: type) -> np.ndarray:
 class PreAesTransform(Transform):
     name = "pre-aes"
     detects_wrong_key = False
+    fused_digest = True
 
     def stored_dtype(self, dtype_name: str) -> str:
         """Codes are twice as wide as the element (``U16``/``U32``), 64 bits for 32- and 64-bit dtypes."""
@@ -666,7 +668,7 @@ class PreAesTransform(Transform):
         return Encoded(out, params, stored_dtype=NUMPY_CODE_NAMES[np.dtype(codec.cdtype)])
 
     def decode(self, stored: np.ndarray, params: dict[str, Any], key: bytes, dtype: torch.dtype,
-               shape: tuple[int, ...]) -> torch.Tensor:
+               shape: tuple[int, ...], *, leaves: list[bytes] | None = None) -> torch.Tensor:
         out, raw = empty_raw(dtype, shape)
         udtype = DTYPES[dtype][0]
         if "nonfinite" in params and "escape" not in params:
@@ -690,11 +692,23 @@ class PreAesTransform(Transform):
         if stored.nbytes != raw.size * itemsize:
             raise ContainerError("a pre-aes tensor has the wrong number of bytes; the file is damaged")
 
+        per_leaf = TREE_CHUNK // itemsize
+        tree: list[bytes] = [b""] * (-(-stored.nbytes // TREE_CHUNK))
+
         def work(a: int, b: int) -> None:
+            # One read of the stored bytes per leaf: into private memory, hashed there, then decrypted in place and
+            # decoded. The bytes that are verified are the bytes that are decoded, whatever happens to the file
+            # meanwhile, and the mapped pages leave resident memory at once.
+            src = stored[a * itemsize:b * itemsize]
             codes = _buffer(b - a, codec.cdtype)
-            aes_ctr_into(key, nonce, stored[a * itemsize:b * itemsize], codes.view(np.uint8), a * itemsize)
-            release_mapped(stored[a * itemsize:b * itemsize])
+            raw_codes = codes.view(np.uint8)
+            np.copyto(raw_codes, src)
+            release_mapped(src)
+            tree[a // per_leaf] = leaf_digest(raw_codes)
+            aes_ctr_into(key, nonce, raw_codes, raw_codes, a * itemsize)
             codec.decode_bits_into(codes, raw[a:b])
 
-        parallel_for(raw.size, _CHUNK, work)
+        parallel_for(raw.size, per_leaf, work)
+        if leaves is not None:
+            leaves[:] = tree
         return out

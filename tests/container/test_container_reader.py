@@ -473,7 +473,9 @@ def test_a_model_of_100000_tensors_reads_within_the_caps(tmp_path):
     path.write_bytes(build_header(meta, [(k, "F32", (0, 4096), 0) for k in meta["tensors"]]))
     start = time.perf_counter()
     assert len(chiplock.inspect(path)["tensors"]) == n
-    assert time.perf_counter() - start < 10.0
+    # Not a speed target (those live in benchmarks): a bound far above the ~5 s it takes on a busy 2-core machine,
+    # so only quadratic work per tensor fails it.
+    assert time.perf_counter() - start < 60.0
 
 
 def test_build_header_refuses_a_header_the_reader_would_refuse(monkeypatch):

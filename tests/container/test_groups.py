@@ -107,6 +107,8 @@ def test_lock_config_is_checked():
         LockConfig(transform="pre-aes", groups=(GroupConfig("main", "aes"),))
     with pytest.raises(ValueError, match="version 2 is not supported"):
         LockConfig(version=2)
+    with pytest.raises(ValueError, match="must hold GroupConfig objects"):
+        LockConfig(groups=({"label": "a"},))
 
 
 def test_a_group_no_tensor_joins_is_left_out(tmp_path, profile, fast_kdf):

@@ -424,3 +424,10 @@ def test_kill9_leaves_only_locked_shards(src: Path, tmp_path: Path) -> None:
     assert all(chiplock.inspect(tmp_path / left[0] / n)["format"] == "chiplock" for n in names)
     lock_dir(src, tmp_path / "out", copy_lock)
     assert _hidden(tmp_path) == []
+
+
+def test_plan_refuses_a_truncated_shard_before_locking(src: Path) -> None:
+    shard = src / "model-00002-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-4])
+    with pytest.raises(ContainerError, match="model-00002-of-00003.safetensors.*truncated"):
+        plan_source(src)
