@@ -277,7 +277,8 @@ def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str 
                              signing_key=signing_key, progress=None)
             return inspect(out)
 
-        lock_dir(weights, out_path, lock_one, force=force, workers=workers, progress=progress)
+        lock_dir(weights, out_path, lock_one, force=force, workers=workers, progress=progress,
+                 sign=None if signing_key is None else (lambda message: sign(signing_key, message)))
     else:
         _write_container(out_path, source, _plan(source, config), keys, license=lic, shard=None,
                          signing_key=signing_key, progress=progress)
@@ -439,7 +440,7 @@ def iter_unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, s
     it is yielded; a file altered further on raises :class:`InvalidTag` when the iteration reaches it, after the
     earlier tensors were yielded (use :func:`unlock` for all-or-nothing). Arguments as :func:`unlock`.
     """
-    cs = list(_containers(path))
+    cs = list(_containers(path, verify_key))
     keys = _open_keys(cs, profile=profile, secret=secret, license=_license_arg(license), verify_key=verify_key,
                       max_kdf_memory_kib=max_kdf_memory_kib, groups=groups)
     target = torch.device(device) if device is not None else None
@@ -448,10 +449,36 @@ def iter_unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, s
             yield name, _to_device(t, target)
 
 
-def _containers(path: str | os.PathLike) -> Iterator[Container]:
+def verify_folder(path: str | os.PathLike, verify_key: Ed25519PublicKey | bytes) -> None:
+    """Check a locked folder's signed index against the vendor's key: the weight map and the digests of its side
+    files (``config.json`` decides the architecture the weights load into). Each shard is signed on its own and
+    checked when it is opened.
+
+    Raises:
+        InvalidTag: The index is unsigned or its signature does not verify.
+        ContainerError: A side file was added, removed or changed, or the signature field is malformed.
+
+    Example:
+        >>> chiplock.api.verify_folder("locked/", vendor_public_key)  # doctest: +SKIP
+    """
+    from chiplock.container.schema import is_signature
+    from chiplock.container.shards import check_manifest, locked_dir_shards
+
+    def check(signature: Any, message: bytes) -> None:
+        if signature is not None and not is_signature(signature):
+            raise ContainerError("the locked folder's index signature is malformed; re-download the folder")
+        verify_signature(verify_key, signature, message,
+                         unsigned="the folder's index is not signed but a vendor key was given; obtain a signed copy")
+
+    check_manifest(locked_dir_shards(path), check)
+
+
+def _containers(path: str | os.PathLike, verify_key: Ed25519PublicKey | bytes | None = None) -> Iterator[Container]:
     if _is_folder_source(path):
         from chiplock.container.shards import locked_dir_shards
 
+        if verify_key is not None:
+            verify_folder(path, verify_key)
         locked = locked_dir_shards(path)
         content = None
         for i, shard in enumerate(locked.shards):
@@ -567,7 +594,7 @@ def unlock_to_file(path: str | os.PathLike, out: str | os.PathLike, profile: Dev
 
     locked = locked_dir_shards(path)
     check_output_dir(locked.folder, out, force=force, plaintext=True)  # Before any key work.
-    cs = list(_containers(path))
+    cs = list(_containers(path, verify_key))
     # The containers whose licence and MACs are checked here are the ones decoded, not a second read of the files.
     opened = {os.path.realpath(c.path): c for c in cs}
     keys = _open_keys(cs, profile=profile, secret=secret, **opts)
@@ -671,4 +698,4 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = ["LowEntropyWarning", "decode_with_keys", "inspect", "iter_unlock", "load_state_dict", "load_weights",
-           "lock", "unlock", "unlock_to_file"]
+           "lock", "unlock", "unlock_to_file", "verify_folder"]

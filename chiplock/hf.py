@@ -159,6 +159,12 @@ def from_pretrained(locked_dir: str | os.PathLike, model_class: Any = None, *, p
     """
     transformers = _transformers()
     ld = locked_dir_shards(locked_dir)
+    if unlock_kwargs.get("verify_key") is not None:
+        # config.json decides what the weights load into: with the vendor's key, the signed index (side files'
+        # digests included) is checked before anything is read from the folder.
+        from chiplock.api import verify_folder
+
+        verify_folder(ld.folder, unlock_kwargs["verify_key"])
     if not (ld.folder / "config.json").is_file():
         raise ContainerError(f"the locked folder {str(ld.folder)!r} has no config.json; lock the folder that "
                              "save_pretrained wrote (its config.json is copied)")

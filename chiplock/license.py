@@ -9,9 +9,16 @@ The key hierarchy (docs/FORMAT.md, design of issue 9):
 * **Licence** (:class:`License`): for one device, KEK = HKDF-SHA256(device key || vendor secret, licence salt)
   wraps each group's content key, with AES-256-GCM for groups whose transform detects a wrong key (``aes``,
   ``shuffle``: a wrong device gets :class:`~chiplock.errors.InvalidKey`) and with AES-256-CTR for silent groups
-  (``pre-aes``: a wrong device unwraps a random key and gets plausible wrong weights, and nothing in the licence
-  lets anyone test a device-key guess). A licence never mixes the two kinds: an authenticated wrap under the
-  same KEK would be that oracle for the silent groups.
+  (``pre-aes``: a wrong device unwraps a random key and gets plausible wrong weights, and the licence alone lets
+  no one test a device-key guess). A licence never mixes the two kinds: an authenticated wrap under the same KEK
+  would be that oracle for the silent groups.
+
+What a licence does not hide (measured in tests/attacks/test_core_v2_redteam.py, docs/FORMAT.md): anyone who
+knows a content key (every licensed device of that model, with the shared vendor secret) can test guesses of
+another device's key against that device's licence, one Argon2id run per guess; so can anyone holding an
+``aes``/``shuffle`` licence of the same device. Against them a licence is exactly as strong as the device key's
+entropy, which :func:`check_key_strength` requires to be 64 bits (or a vendor secret they do not know: issue
+each device its own secret to keep licences independent).
 
 A licence is public (mode 0644 is fine): it opens nothing without the device. The keys file and the profile are
 secret.
@@ -645,8 +652,10 @@ def issue_license(keys: ContentKeys, profile: DeviceProfile, *, secret: bytes | 
         raise UnsupportedConfig(
             f"one licence cannot hold both silent groups ({', '.join(silent)}: their transform cannot tell a wrong "
             f"key) and groups that detect a wrong key ({', '.join(loud)}): the authenticated wraps would let anyone "
-            "test device-key guesses offline, breaking the silent groups; issue one licence per kind "
-            f"(groups=[{', '.join(map(repr, silent))}] and groups=[{', '.join(map(repr, loud))}])")
+            "test device-key guesses offline, breaking the silent groups. Issue the kinds to different devices, or "
+            f"as two licences (groups=[{', '.join(map(repr, silent))}] and groups=[{', '.join(map(repr, loud))}]) "
+            "knowing that one device's authenticated licence confirms guesses of the key its silent one uses too "
+            "(both then rest on the device key's entropy alone)")
     check_key_strength(profile, secret, allow_weak_key)
     dk = device_key(profile, kdf)
     salt = os.urandom(SALT_BYTES)

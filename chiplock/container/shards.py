@@ -282,7 +282,41 @@ def plan_source(path: str | os.PathLike) -> SourcePlan:
     # files the locked folder does not have.
     side = [f for n, f in files if not n.endswith(_WEIGHT_SUFFIXES) and not n.endswith(".index.json")
             and not n.startswith(_TMP_PREFIX)]
+    for f in side:
+        kind = weights_like(f)
+        if kind:
+            raise UnsupportedConfig(f"{_short(f.name)} in the model folder is a {kind} file (a checkpoint?); "
+                                    "chiplock copies side files in plaintext next to the locked shards, so it "
+                                    "refuses it: move it out of the folder (or convert and lock it) first")
     return SourcePlan(folder=folder, shards=shards, index=index, side_files=side, weight_map=weight_map)
+
+
+#: Leading bytes of formats that hold tensors (or archives that may): such a file is never copied in plaintext.
+_MAGIC = ((b"PK\x03\x04", "zip (torch.save)"), (b"\x1f\x8b", "gzip"), (b"\x93NUMPY", "numpy"),
+          (b"\x89HDF\r\n\x1a\n", "HDF5"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\xfd7zXZ\x00", "xz"),
+          (b"BZh", "bzip2"), (b"7z\xbc\xaf\x27\x1c", "7z"), (b"GGUF", "GGUF"))
+
+
+def weights_like(path: Path) -> str | None:
+    """What tensor-holding format ``path`` is by its content (not its name), or ``None``: zip (``torch.save``),
+    pickle, safetensors, numpy, HDF5, GGUF, tar and compressed files, whatever they are called
+    (``model_best.pth.tar``, ``weights.bak``)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise os_error(exc, path, "read") from None
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    if len(head) >= 10 and head[8:10] in (b'{"', b"{ ") and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    return None
 
 
 def _explain_mismatch(listed: dict[str, str], found: dict[str, str], where: Path) -> None:
@@ -508,6 +542,47 @@ def _copy_side_files(files: Iterable[Path], dest: Path) -> list[str]:
     return names
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise os_error(exc, path, "read") from None
+    return h.hexdigest()
+
+
+def manifest_bytes(index: dict) -> bytes:
+    """What a locked folder's index signature covers: the canonical index without its signature."""
+    meta = {k: v for k, v in index.get("metadata", {}).items() if k != "signature"}
+    return b"chiplock folder manifest v1\0" + _json.canonical({"metadata": meta, "weight_map": index["weight_map"]})
+
+
+def check_manifest(locked: LockedDir, verify: Callable[[dict | None, bytes], None]) -> None:
+    """Check a locked folder's signed manifest: ``verify(signature, message)`` checks the index signature (and
+    raises when it is missing or wrong), then every side file must be listed with its digest, and every listed
+    one present. Called when the device is given the vendor's key.
+
+    Raises:
+        ContainerError: A side file was added, removed or changed (e.g. config.json edited).
+    """
+    meta = locked.metadata
+    verify(meta.get("signature"), manifest_bytes({"metadata": meta, "weight_map": locked.weight_map}))
+    listed = meta.get("side_files")
+    if not isinstance(listed, dict):
+        raise ContainerError("the locked folder's index lists no side files; re-download the folder")
+    present = {f.name: f for f in locked.side_files}
+    changed = sorted(set(listed) ^ set(present)) + sorted(
+        n for n in set(listed) & set(present) if _sha256(present[n]) != listed[n])
+    if changed:
+        raise ContainerError(f"side file(s) {', '.join(map(_short, changed[:3]))} of the locked folder were added, "
+                             "removed or changed after it was signed (config.json decides the model that loads the "
+                             "weights); re-download the folder")
+
+
 def _write_index(path: Path, doc: dict) -> None:
     data = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
     with open(path, "xb") as fh:
@@ -530,7 +605,8 @@ def plain_name(shard: str) -> str:
 # Locking.
 
 def lock_dir(src: str | os.PathLike | SourcePlan, out_dir: str | os.PathLike, lock_one: LockOne, *,
-             force: bool = False, workers: int = 1, progress: Progress | None = None) -> dict[str, Any]:
+             force: bool = False, workers: int = 1, progress: Progress | None = None,
+             sign: Callable[[bytes], dict[str, str]] | None = None) -> dict[str, Any]:
     """Lock every shard of a model folder into a new folder, with a locked index and the side files.
 
     Args:
@@ -579,9 +655,14 @@ def lock_dir(src: str | os.PathLike | SourcePlan, out_dir: str | os.PathLike, lo
         ids = {m.get("content_id") for m in metas.values() if isinstance(m, dict)}
         if len(ids) == 1 and isinstance(next(iter(ids)), str):
             meta["content_id"] = next(iter(ids))
-        index = {"metadata": meta, "weight_map": {t: locked_name(s) for t, s in plan.weight_map.items()}}
-        _write_index(tmp / LOCKED_INDEX, index)
         side = _copy_side_files(plan.side_files, tmp)
+        # The side files (config.json decides the architecture that loads the weights) are listed by digest, and
+        # with a signing key the index is signed: each shard signs itself, the index signs everything else.
+        meta["side_files"] = {n: _sha256(tmp / n) for n in side}
+        index = {"metadata": meta, "weight_map": {t: locked_name(s) for t, s in plan.weight_map.items()}}
+        if sign is not None:
+            meta["signature"] = sign(manifest_bytes(index))
+        _write_index(tmp / LOCKED_INDEX, index)
     return {"path": str(out), "index": index, "shards": metas, "side_files": side}
 
 

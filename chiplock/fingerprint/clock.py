@@ -128,6 +128,8 @@ def _cpu_ops() -> dict[str, Callable[[], Any]]:
 #: The most a (public, possibly crafted) helper may ask one reproduction to measure: 4x the default rounds and
 #: 3x the default profiles, so a file cannot make unlock run for minutes.
 MAX_ROUNDS = 400
+#: The most timed operations a helper may list (the suite has a few dozen).
+MAX_OPS = 256
 MAX_PROFILES = 9
 
 
@@ -430,6 +432,16 @@ class ClockSource(FingerprintSource):
                 or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0):
             raise FingerprintError("the clock helper data is damaged (measurement sizes out of range); obtain a "
                                    "fresh copy of the file")
+        ops, width, offset, bits = helper["ops"], helper["width"], helper["offset"], helper["bits"]
+        # The per-feature lists size the bit string (and its BCH code) built from them: bounded and typed before
+        # any measurement, so a crafted helper costs no more than an honest one.
+        if not (isinstance(ops, list) and 1 <= len(ops) <= MAX_OPS
+                and all(isinstance(x, list) and len(x) == len(ops) for x in (width, offset, bits))
+                and all(type(b) is int and 1 <= b <= MAX_BITS_PER_OP for b in bits)
+                and all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < 1e6 for w in width)
+                and all(isinstance(o, (int, float)) and not isinstance(o, bool) and abs(o) < 1e6 for o in offset)):
+            raise FingerprintError("the clock helper data is damaged (feature lists out of range); obtain a fresh "
+                                   "copy of the file")
         if helper["device"] == "cuda":
             import torch
 

@@ -158,8 +158,11 @@ def test_lock_dir_layout(src: Path, tmp_path: Path) -> None:
     index = json.loads((out / LOCKED_INDEX).read_text())
     assert index == r["index"]
     sizes = sum(os.path.getsize(out / f"model-0000{i}-of-00003.chiplock") for i in (1, 2, 3))
+    import hashlib
+
+    side = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in ("config.json", "tokenizer.json")}
     assert index["metadata"] == {"format": "chiplock", "total_size": sizes, "source_index": {"total_size": 123},
-                                 "content_id": "ab" * 8}
+                                 "content_id": "ab" * 8, "side_files": side}
     assert index["weight_map"]["layer2.w1"] == "model-00003-of-00003.chiplock" and len(index["weight_map"]) == 6
     assert [m["index"] for m in r["shards"].values()] == [0, 1, 2]
     assert seen == [("shards", 1, 3), ("shards", 2, 3), ("shards", 3, 3)]
@@ -430,4 +433,30 @@ def test_plan_refuses_a_truncated_shard_before_locking(src: Path) -> None:
     shard = src / "model-00002-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-4])
     with pytest.raises(ContainerError, match="model-00002-of-00003.safetensors.*truncated"):
+        plan_source(src)
+
+
+def test_a_side_file_holding_weights_is_refused_whatever_its_name(tmp_path):
+    # Checkpoints named like side files (model_best.pth.tar, weights.bak) would ship in plaintext next to the
+    # locked shards: the content decides, not the name.
+    import gzip
+    import io
+    import pickle
+
+    from chiplock.container.shards import plan_source, weights_like
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf)
+    cases = {"model_best.pth.tar": buf.getvalue(), "w.pkl.bak": pickle.dumps({"w": [1.0]}),
+             "ckpt.gz": gzip.compress(b"x" * 100), "notes.txt": b"just text", "config.json": b'{"a": 1}'}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert (weights_like(tmp_path / name) is None) == name.endswith((".txt", ".json")), name
+    src = tmp_path / "src"
+    src.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(4)}, str(src / "model.safetensors"))
+    (src / "model.safetensors.bak").write_bytes((src / "model.safetensors").read_bytes())
+    with pytest.raises(UnsupportedConfig, match="model.safetensors.bak"):
         plan_source(src)
