@@ -140,7 +140,7 @@ def mixed(tmp_path, profile):
 def test_one_licence_cannot_mix_silent_and_detecting_groups(mixed, profile):
     _, keys, _, _ = mixed
     with pytest.raises(UnsupportedConfig, match="one licence cannot hold both silent groups \\(main.*"
-                                                "\\(secure\\).*issue one licence per kind"):
+                                                "\\(secure\\).*Issue the kinds to different devices"):
         chiplock.issue_license(keys, profile, secret=SECRET)
 
 
