@@ -169,10 +169,15 @@ def _write_container(out_path: str | os.PathLike, source: _Source, plan: list[Pl
             t = t.detach().cpu()
             if DTYPE_NAMES.get(t.dtype) != p.dtype or tuple(t.shape) != p.shape:
                 raise ContainerError(f"tensor {name!r} changed while it was being read; nothing was written")
-            enc = tf.encode(t, subkey(keys.groups[p.group].key, f"tensor/{tf.name}", name))
-            del t
-            writer.add(name, enc.data, enc.params, enc.digest)
-            del enc
+            key = subkey(keys.groups[p.group].key, f"tensor/{tf.name}", name)
+            encode_to = getattr(tf, "encode_to", None)
+            if encode_to is not None:  # Chunk by chunk to the file: the encoded tensor is never whole in memory.
+                enc = encode_to(t, key, writer.sink(name))
+                writer.added(name, enc.params, enc.digest)
+            else:
+                enc = tf.encode(t, key)
+                writer.add(name, enc.data, enc.params, enc.digest)
+            del t, enc
             if progress:
                 progress("lock", i + 1, len(plan))
         return writer.finish(_sealer(keys, signing_key))

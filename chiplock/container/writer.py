@@ -74,8 +74,9 @@ class ContainerWriter:
     """Streams the tensors of one container into ``fh`` (a fresh, seekable file from
     :func:`chiplock._io.atomic_writer`).
 
-    Call :meth:`add` once per planned tensor, in plan order, then :meth:`finish` with the finishing step
-    (group MACs and signature need the complete metadata).
+    Call :meth:`add` (or :meth:`sink` then :meth:`added`) once per planned tensor, in plan order, then
+    :meth:`finish` with the finishing step (group MACs and signature need the complete metadata). Bytes go to
+    their final offsets with positional writes, never through ``fh``'s buffer.
     """
 
     def __init__(self, fh: IO[bytes], meta: Metadata, plan: list[Planned], *,
@@ -93,19 +94,51 @@ class ContainerWriter:
             signature={"alg": "ed25519", "public_key": "0" * 64, "sig": "0" * 128} if signature_room else None)
         self._room = len(build_header(skeleton.to_json(), self._entries)) - 8
         self._data_start = 8 + self._room
-        fh.seek(self._data_start)
+        self._pos = self._data_start  # Where the next planned tensor's bytes go.
+        fh.flush()
+
+    def _planned(self, name: str) -> Planned:
+        p = self.plan[self._next]
+        if name != p.name:
+            raise RuntimeError(f"tensor {name!r} does not match the plan (expected {p.name!r}); this is a bug: "
+                               "report it")
+        return p
+
+    def sink(self, name: str) -> Callable[[int, np.ndarray], None]:
+        """Where a transform that encodes chunk by chunk writes the next planned tensor's stored bytes:
+        ``sink(byte_offset, chunk)``, from any thread, in any order (positional writes). Then call
+        :meth:`added`. The encoded tensor never has to be in memory whole."""
+        p = self._planned(name)
+        fd, base = self.fh.fileno(), self._pos
+
+        def write(offset: int, chunk: np.ndarray) -> None:
+            mv = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+            if offset < 0 or offset + mv.nbytes > p.nbytes:
+                raise RuntimeError(f"a transform wrote outside tensor {name!r}; this is a bug: report it")
+            pos = base + offset
+            while mv.nbytes:
+                n = os.pwrite(fd, mv, pos)
+                mv, pos = mv[n:], pos + n
+
+        return write
+
+    def added(self, name: str, params: dict[str, Any], digest: str) -> None:
+        """Record the public parameters and integrity root of the tensor written through :meth:`sink`."""
+        p = self._planned(name)
+        self.meta.tensors[name] = TensorInfo(p.group, p.dtype, p.shape, params, digest)
+        self._pos += p.nbytes
+        self._next += 1
 
     def add(self, name: str, data: np.ndarray, params: dict[str, Any], digest: str | None = None) -> None:
         """Write the next planned tensor's stored bytes and record its public parameters and digest (``digest``:
         the transform's own integrity root, else the tree digest of the stored bytes)."""
-        p = self.plan[self._next]
+        p = self._planned(name)
         flat = data.reshape(-1).view(np.uint8)
-        if name != p.name or flat.nbytes != p.nbytes:
-            raise RuntimeError(f"tensor {name!r} does not match the plan (expected {p.name!r}, {p.nbytes} bytes); "
-                               "this is a bug in a transform: report it")
-        self.fh.write(memoryview(flat))
-        self.meta.tensors[name] = TensorInfo(p.group, p.dtype, p.shape, params, digest or tree_digest(flat))
-        self._next += 1
+        if flat.nbytes != p.nbytes:
+            raise RuntimeError(f"tensor {name!r} does not match the plan ({flat.nbytes} bytes, expected "
+                               f"{p.nbytes}); this is a bug in a transform: report it")
+        self.sink(name)(0, flat)
+        self.added(name, params, digest or tree_digest(flat))
 
     def finish(self, seal: Callable[[Metadata], None] | None = None) -> Metadata:
         """Write the real header into the reserved room (moving the data up if it outgrew it).
@@ -119,11 +152,9 @@ class ContainerWriter:
             seal(self.meta)
         header = build_header(self.meta.to_json(), self._entries, room=self._room)
         fd = self.fh.fileno()
-        self.fh.flush()
         if len(header) > self._data_start:
             _move_up(fd, self._data_start, sum(p.nbytes for p in self.plan), len(header) - self._data_start)
         os.pwrite(fd, header, 0)
-        self.fh.seek(0, os.SEEK_END)
         return self.meta
 
 
