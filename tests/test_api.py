@@ -758,3 +758,31 @@ def test_load_state_dict_reports_names_and_refuses_shapes(tmp_path, profile, fas
     with pytest.raises(ContainerError, match=r"tensor '0.weight' has shape \(4, 1, 3, 3\) in the file but "
                                              r"\(5, 1, 3, 3\) in the model"):
         chiplock.load_state_dict(bigger, path, profile=profile, strict=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
+@pytest.mark.parametrize("transform", ["aes", "pre-aes"])
+def test_unlock_puts_tensors_on_the_gpu(tmp_path, profile, fast_kdf, transform):
+    w = {"a": torch.randn(64, 32), "b": torch.arange(10)}
+    path = tmp_path / "m.chiplock"
+    chiplock.lock(w, path, profile, transform, kdf=fast_kdf, allow_weak_key=True)
+    got = chiplock.unlock(path, profile=profile, device="cuda")
+    assert all(t.is_cuda for t in got.values())
+    assert all(torch.equal(got[k].cpu(), w[k]) for k in w)
+    model = torch.nn.Linear(32, 64, bias=False).cuda()
+    chiplock.lock({"weight": w["a"]}, tmp_path / "l.chiplock", profile, transform, kdf=fast_kdf, allow_weak_key=True)
+    chiplock.load_state_dict(model, tmp_path / "l.chiplock", profile=profile, device="cuda")
+    assert torch.equal(model.weight.detach().cpu(), w["a"])
+
+
+def test_unlock_device_cpu_and_load_state_dict_report_mismatches(tmp_path, profile, fast_kdf):
+    w = {"weight": torch.randn(4, 3), "extra": torch.zeros(2)}
+    path = tmp_path / "m.chiplock"
+    chiplock.lock(w, path, profile, "aes", kdf=fast_kdf, allow_weak_key=True)
+    got = chiplock.unlock(path, profile=profile, device="cpu")
+    assert torch.equal(got["weight"], w["weight"])
+    model = torch.nn.Linear(3, 4)  # has a bias the file lacks, and no "extra"
+    with pytest.raises(chiplock.ContainerError, match="missing.*bias.*unexpected.*extra"):
+        chiplock.load_state_dict(model, path, profile=profile)
+    missing, unexpected = chiplock.load_state_dict(model, path, profile=profile, strict=False)
+    assert missing == ["bias"] and unexpected == ["extra"] and torch.equal(model.weight.detach(), w["weight"])
