@@ -450,8 +450,13 @@ def iter_unlock(path: str | os.PathLike, profile: DeviceProfile | None = None, s
                       max_kdf_memory_kib=max_kdf_memory_kib, groups=groups)
     target = torch.device(device) if device is not None else None
     for c in cs:
-        for name, t in _iter_container(c, keys, progress):
-            yield name, _to_device(t, target)
+        if target is None or target.type == "cpu":
+            # Delegated, so no local of this frame keeps the last yielded tensor alive while the caller holds
+            # the generator: memory is the tensor in hand, not two.
+            yield from _iter_container(c, keys, progress)
+        else:
+            for name, t in _iter_container(c, keys, progress):
+                yield name, _to_device(t, target)
 
 
 def verify_folder(path: str | os.PathLike, verify_key: Ed25519PublicKey | bytes) -> None:
