@@ -407,3 +407,44 @@ def pick_codes(u, lo, cnt, r, esc_lo, mc, codes):
             codes[i] = lo[i] + r[i]
         else:
             codes[i] = mc + (np.uint64(u[i]) - esc_lo)
+
+
+@njit(cache=True, nogil=True)
+def key_counts(keys, counts):
+    """``counts[u] += 1`` for each 8- or 16-bit order key ``u`` in ``keys`` (np.bincount without its int64 copy
+    of the keys)."""
+    for i in range(keys.size):
+        counts[keys[i]] += 1
+
+
+@njit(cache=True, nogil=True)
+def radix_sort(a, buf):
+    """Sort the unsigned keys ``a`` in place (LSD radix, one byte per pass; ``buf`` is scratch of ``a``'s size
+    and dtype). A byte that all keys share costs no pass."""
+    nbytes = a.itemsize
+    counts = np.zeros((nbytes, 256), np.int64)
+    for i in range(a.size):
+        x = np.uint64(a[i])
+        for d in range(nbytes):
+            counts[d, np.int64((x >> np.uint64(8 * d)) & np.uint64(255))] += 1
+    src = a
+    dst = buf
+    in_buf = False
+    pos = np.empty(256, np.int64)
+    for d in range(nbytes):
+        if counts[d].max() == a.size:
+            continue
+        total = 0
+        for j in range(256):
+            pos[j] = total
+            total += counts[d, j]
+        s = np.uint64(8 * d)
+        for i in range(src.size):
+            x = src[i]
+            j = np.int64((np.uint64(x) >> s) & np.uint64(255))
+            dst[pos[j]] = x
+            pos[j] += 1
+        src, dst = dst, src
+        in_buf = not in_buf
+    if in_buf:
+        a[:] = buf

@@ -61,9 +61,22 @@ from chiplock._dtypes import NUMPY_CODE_NAMES, STORED_DTYPES
 from chiplock._digest import TREE_CHUNK, leaf_digest
 from chiplock._pool import release_mapped
 from chiplock.errors import ContainerError
-from chiplock.transforms import _pre_aes_kernel as _kernel
 from chiplock.transforms.base import (DTYPES, Encoded, Transform, aes_ctr_into, empty_raw, parallel_for,
                                       raw_view, register_transform)
+
+
+class _LazyKernel:
+    """The compiled kernels (numba, about 70 MB resident) load when the first pre-aes tensor is met, not when
+    chiplock is imported: a process that only uses aes or shuffle never pays for them."""
+
+    def __getattr__(self, name: str) -> Any:
+        from chiplock.transforms import _pre_aes_kernel
+
+        globals()["_kernel"] = _pre_aes_kernel
+        return getattr(_pre_aes_kernel, name)
+
+
+_kernel: Any = _LazyKernel()
 
 SLOT_BITS = 16
 SLOTS = 1 << SLOT_BITS
@@ -77,13 +90,19 @@ SMALL_N = 100
 BOOT_FACTOR = 1.1
 MAX_ESCAPE_FRACTION_BITS = 8
 _CHUNK = 1 << 18
+_DRAW_CHUNK = 1 << 20
 _CODE_DTYPES = {1: np.uint16, 2: np.uint32, 4: np.uint64, 8: np.uint64}
 _CODE_NAMES = {1: "U16", 2: "U32", 4: "U64", 8: "U64"}
 
-_FMT = {torch.float32: _kernel.FMT_F32, torch.float16: _kernel.FMT_F16, torch.bfloat16: _kernel.FMT_BF16}
-if hasattr(torch, "float8_e4m3fn"):
-    _FMT[torch.float8_e4m3fn] = _kernel.FMT_F8E4M3
-    _FMT[torch.float8_e5m2] = _kernel.FMT_F8E5M2
+
+
+def _fmt(dtype: torch.dtype) -> int:
+    """The compiled decoder's format code of ``dtype`` (integers share one)."""
+    table = {torch.float32: _kernel.FMT_F32, torch.float16: _kernel.FMT_F16, torch.bfloat16: _kernel.FMT_BF16}
+    if hasattr(torch, "float8_e4m3fn"):
+        table[torch.float8_e4m3fn] = _kernel.FMT_F8E4M3
+        table[torch.float8_e5m2] = _kernel.FMT_F8E5M2
+    return table.get(dtype, _kernel.FMT_INT)
 _KIND_CODES = {"uint": 0, "int": 1, "float": 2}
 
 
@@ -112,18 +131,6 @@ def order_key(bits: np.ndarray, kind: str, w: int) -> np.ndarray:
     if kind == "int":
         return bits ^ sign
     return bits
-
-
-def _sorted_keys(keys: np.ndarray) -> np.ndarray:
-    """``np.sort(keys)``; 32- and 64-bit keys go through torch's (radix) sort as order-preserving signed ints."""
-    if keys.dtype.itemsize < 4 or keys.size < 1 << 16:
-        return np.sort(keys)
-    w = keys.dtype.itemsize * 8
-    sign = keys.dtype.type(1 << (w - 1))
-    flipped = np.ascontiguousarray(keys ^ sign).view(np.dtype(f"i{w // 8}"))
-    out = torch.sort(torch.from_numpy(flipped)).values.numpy().view(keys.dtype)
-    out ^= sign
-    return out
 
 
 def from_order_key(u: np.ndarray, kind: str, w: int) -> np.ndarray:
@@ -215,7 +222,7 @@ class _Codec:
         self.base, top = pos[:-1], pos[1:]
         with np.errstate(invalid="ignore", divide="ignore"):
             self.scale = np.where(self.nf > 1, (top - self.base) / np.maximum(self.nf - 1, 1).astype(np.float64), 0.0)
-        self.fmt = _FMT.get(dtype, _kernel.FMT_INT)
+        self.fmt = _fmt(dtype)
         # One 64-byte record per interval (a cache line: random codes hit random intervals), seen as int64 and
         # float64: (cs_k, U_k, U_k+1, base_k, scale_k, unused x3).
         raw = np.zeros(self.K * 8 + 8, dtype=np.float64)
@@ -374,7 +381,8 @@ def _cells(keys: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray
 
 
 def build_model(t: torch.Tensor, rng: np.random.Generator, k: int | None = None,
-                keys: np.ndarray | None = None) -> tuple[torch.Tensor, bool]:
+                keys: np.ndarray | None = None, *, counts: np.ndarray | None = None,
+                keys_sorted: bool = False) -> tuple[torch.Tensor, bool]:
     """The public breakpoints and the non-finite flag for tensor ``t``.
 
     Breakpoints are in ``t``'s dtype for 32- and 64-bit dtypes, float32 positions for 8- and 16-bit ones.
@@ -391,64 +399,172 @@ def build_model(t: torch.Tensor, rng: np.random.Generator, k: int | None = None,
 
     The outer breakpoints lie a random distance (up to the mean spacing of the ten outermost resampled
     values) below the minimum and above the maximum. ``k`` overrides the number of intervals; ``keys``, the
-    order keys of all of ``t`` if the caller has them (used when every element is finite).
+    order keys of all of ``t`` if the caller has them (``keys_sorted``: already sorted, 32- and 64-bit dtypes);
+    ``counts``, for 8- and 16-bit dtypes instead, the histogram of all of ``t``'s order keys (``2**w`` bins).
     """
     flat = t.reshape(-1)
-    mask = _finite_mask(flat)
-    nonfinite = bool(mask is not None and not mask.all())
-    finite = flat[mask] if nonfinite else flat
     udtype, kind = DTYPES[t.dtype]
     w = np.dtype(udtype).itemsize * 8
-    if flat.numel() < SMALL_N or finite.numel() < SMALL_N or t.dtype == torch.float64:
+    if flat.numel() < SMALL_N or t.dtype == torch.float64:
         # float64 is always stored raw; it needs no quantile model.
+        mask = _finite_mask(flat)
+        nonfinite = bool(mask is not None and not mask.all())
         bounds = _small_bounds(flat)
         return (_as_positions(bounds) if w <= 16 else bounds), nonfinite
-    if keys is None or keys.size != flat.numel() or nonfinite:
-        keys = order_key(raw_view(finite), kind, w)
-    keys = _sorted_keys(keys)
-    if w <= 16:
-        keys = keys.astype(np.uint64)
-    n = len(keys)
-    k = k or _k_candidates(n, w)[0]
     kmin, kmax = _key_bounds(t.dtype)
+    if w <= 16:
+        if counts is None:
+            counts = _key_counts(order_key(raw_view(flat), kind, w) if keys is None else keys, w)
+        # Order keys outside [kmin, kmax] are NaN/inf (every key between two finite ones is finite).
+        nonfinite = bool(counts[:kmin].any() or counts[kmax + 1:].any())
+        finite = counts.copy()
+        finite[:kmin] = 0
+        finite[kmax + 1:] = 0
+        if int(finite.sum()) < SMALL_N:
+            return _as_positions(_small_bounds(flat)), nonfinite
+        return _fine_model(t.dtype, finite, rng, k), nonfinite
+    if keys is None or keys.size != flat.numel():
+        src = raw_view(flat)
+        keys = order_key(src, kind, w)
+        if np.may_share_memory(keys, src):
+            keys = keys.copy()  # unsigned dtypes' keys are their bits: never sort the tensor itself
+        _kernel.radix_sort(keys, np.empty_like(keys))
+    elif not keys_sorted:
+        keys = keys.copy()  # the caller's keys stay as they are
+        _kernel.radix_sort(keys, np.empty_like(keys))
+    # The finite keys of a sorted tensor are one run: NaN/inf sort below kmin or above kmax.
+    keys = keys[np.searchsorted(keys, keys.dtype.type(kmin)):np.searchsorted(keys, keys.dtype.type(kmax), "right")]
+    nonfinite = keys.size < flat.numel()
+    if keys.size < SMALL_N:
+        return _small_bounds(flat), nonfinite
+    return _wide_model(t.dtype, keys, rng, k), nonfinite
+
+
+def _key_counts(keys: np.ndarray, w: int) -> np.ndarray:
+    """Histogram of 8- or 16-bit order keys (``2**w`` int64 bins)."""
+    counts = np.zeros(1 << w, np.int64)
+    _kernel.key_counts(np.ascontiguousarray(keys), counts)
+    return counts
+
+
+def _normal_offset_probs(spread: float) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets ``o`` and ``P(rint(Normal(0, spread)) == o)`` (ties have probability 0). Offsets stop at
+    ``10 * spread + 1``, beyond which the mass (< 1e-23) is renormalised away."""
+    reach = math.ceil(10.0 * spread) + 1
+    edges = (np.arange(-reach, reach + 2) - 0.5) / (spread * math.sqrt(2.0))
+    cdf = np.array([0.5 * math.erfc(-e) for e in edges])
+    p = np.diff(cdf)
+    return np.arange(-reach, reach + 1, dtype=np.int64), p / p.sum()
+
+
+def _fine_model(dtype: torch.dtype, counts: np.ndarray, rng: np.random.Generator, k: int | None) -> torch.Tensor:
+    """The 8- and 16-bit model (float32 positions) from the histogram ``counts`` of the finite order keys.
+
+    Computed on histograms of at most 65,536 bins, with the distribution of the sample-based definition (the
+    reference kept in tests/transforms/test_pre_aes_model.py): ``nb`` draws with replacement are
+    ``Multinomial(nb, counts / n)`` counts; the Gaussian kernel moves each value's draws by integer offsets,
+    ``Multinomial(count, P(rint(Normal(0, spread)) = o))``, clipped to the data's range; the continuous resample
+    (each draw uniform over its rounding cell) is only needed at a few ranks, and since consecutive keys' cells
+    are adjacent, a rank falls in one cell and is an order statistic of that cell's uniforms.
+    """
+    udtype, kind = DTYPES[dtype]
+    w = np.dtype(udtype).itemsize * 8
+    kmin, kmax = _key_bounds(dtype)
+    present = np.flatnonzero(counts)
+    data = counts[present]
+    n = int(data.sum())
+    k = k or _k_candidates(n, w)[0]
     nb = int(BOOT_FACTOR * n)
     i = np.floor(probability_grid(k) * (nb - 1)).astype(np.int64)
     m = min(10, n - 1)
-    if w <= 16:
-        boot = keys[rng.integers(0, n, nb)]
-        # Where values repeat only a few times each (fp16 weights: ~10), a breakpoint at a resampled quantile
-        # falls on a value with probability ~ its count, so "decoded values equal to a rounded breakpoint" would
-        # favour the right key by ~1 count per breakpoint. Kernel smoothing in key space (4 keys, at most 2 % of
-        # the interquartile range) makes that probability follow the smoothed density instead. Values repeated
-        # 20+ times on average need none (smoothing them measured worse); values holding half an interval's
-        # mass or more are atoms and stay put.
-        counts = np.bincount(boot, minlength=1 << w)
-        iqr = float(keys[(3 * n) // 4]) - float(keys[n // 4])
-        spread = min(4.0, 0.02 * iqr)
-        if spread >= 0.5 and n < 20 * np.count_nonzero(counts):
-            heavy = counts[boot] >= 0.5 * nb / k
-            step = np.rint(rng.normal(0.0, spread, nb)).astype(np.int64)
-            moved = np.clip(boot.astype(np.int64) + step, int(keys[0]), int(keys[-1])).astype(np.uint64)
-            if kind == "float":  # never onto NaN/inf keys between finite ones (there are none) or off the range
-                moved = np.where(np.isfinite(_values(moved, t.dtype)), moved, boot)
-            boot = np.where(heavy, boot, moved)
-        lo, hi = _cells(boot, t.dtype)
-        x = np.sort(lo + rng.random(nb) * (hi - lo))
-        a, b = x[i], x[np.minimum(i + 1, nb - 1)]
-        br = a + rng.random(k + 1) * (b - a)
-        (cell_lo,), _ = _cells(keys[:1], t.dtype)
-        _, (cell_hi,) = _cells(keys[-1:], t.dtype)
-        br[0] = min(br[0], cell_lo - rng.random() * (x[m] - x[0]) / m)
-        br[-1] = max(br[-1], cell_hi + rng.random() * (x[-1] - x[-1 - m]) / m)
-        limit = (float(kmin), float(kmax)) if kind != "float" else (-float(torch.finfo(t.dtype).max),
-                                                                   float(torch.finfo(t.dtype).max))
-        pos = np.clip(br, *limit).astype(np.float32)
-        # Cover the data exactly, whatever float32 rounding did to the outer positions.
-        if _fine_keys(pos[:1], t.dtype)[0] > keys[0]:
-            pos[0] = np.float32(_values(keys[:1], t.dtype)[0] if kind == "float" else float(keys[0]))
-        if _fine_keys(pos[-1:], t.dtype)[0] < keys[-1]:
-            pos[-1] = np.float32(_values(keys[-1:], t.dtype)[0] if kind == "float" else float(keys[-1]))
-        return torch.from_numpy(np.sort(pos)), nonfinite
+    key_lo, key_hi = int(present[0]), int(present[-1])
+    cum = np.cumsum(data)
+    boot = rng.multinomial(nb, data / n)  # the same law as nb draws with replacement, counted per key
+    # Where values repeat only a few times each (fp16 weights: ~10), a breakpoint at a resampled quantile falls
+    # on a value with probability ~ its count, so "decoded values equal to a rounded breakpoint" would favour the
+    # right key by ~1 count per breakpoint. Kernel smoothing in key space (4 keys, at most 2 % of the
+    # interquartile range) makes that probability follow the smoothed density instead. Values repeated 20+
+    # times on average need none (smoothing them measured worse); values holding half an interval's mass or
+    # more are atoms and stay put.
+    quartiles = present[np.searchsorted(cum, [n // 4, (3 * n) // 4], "right")]  # data keys at those ranks
+    iqr = float(quartiles[1]) - float(quartiles[0])
+    spread = min(4.0, 0.02 * iqr)
+    if spread >= 0.5 and n < 20 * np.count_nonzero(boot):
+        heavy = boot >= 0.5 * nb / k
+        offsets, probs = _normal_offset_probs(spread)
+        smooth = np.zeros(1 << w, np.float64)  # integer counts (< 2**53) accumulated exactly in float64
+        smooth[present[heavy]] += boot[heavy]
+        src = present[~heavy & (boot > 0)]
+        cnt = boot[~heavy & (boot > 0)]
+        # Clipped into [key_lo, key_hi], whose keys are all finite (no NaN/inf lies between finite keys).
+        for a in range(0, src.size, 4096):
+            moved = rng.multinomial(cnt[a:a + 4096], probs)
+            to = np.clip(src[a:a + 4096, None] + offsets, key_lo, key_hi)
+            smooth += np.bincount(to.ravel(), weights=moved.ravel(), minlength=1 << w)
+        keys = np.flatnonzero(smooth)
+        boot = np.rint(smooth[keys]).astype(np.int64)
+    else:
+        keys = present[boot > 0]
+        boot = boot[boot > 0]
+    ranks = np.concatenate([i, np.minimum(i + 1, nb - 1), [0, m, nb - 1, nb - 1 - m]])
+    x = _resample_order_statistics(keys, boot, ranks, dtype, rng)
+    a, b, (x0, xm, xtop, xtop_m) = x[:k + 1], x[k + 1:2 * k + 2], x[2 * k + 2:]
+    br = a + rng.random(k + 1) * (b - a)
+    (cell_lo,), _ = _cells(np.array([key_lo], np.uint64), dtype)
+    _, (cell_hi,) = _cells(np.array([key_hi], np.uint64), dtype)
+    br[0] = min(br[0], cell_lo - rng.random() * (xm - x0) / m)
+    br[-1] = max(br[-1], cell_hi + rng.random() * (xtop - xtop_m) / m)
+    limit = (float(kmin), float(kmax)) if kind != "float" else (-float(torch.finfo(dtype).max),
+                                                               float(torch.finfo(dtype).max))
+    pos = np.clip(br, *limit).astype(np.float32)
+    # Cover the data exactly, whatever float32 rounding did to the outer positions.
+    ends = np.array([key_lo, key_hi], np.uint64)
+    end_pos = _values(ends, dtype) if kind == "float" else ends.astype(np.float64)
+    if _fine_keys(pos[:1], dtype)[0] > key_lo:
+        pos[0] = np.float32(end_pos[0])
+    if _fine_keys(pos[-1:], dtype)[0] < key_hi:
+        pos[-1] = np.float32(end_pos[1])
+    return torch.from_numpy(np.sort(pos))
+
+
+def _resample_order_statistics(keys: np.ndarray, counts: np.ndarray, ranks: np.ndarray, dtype: torch.dtype,
+                               rng: np.random.Generator) -> np.ndarray:
+    """Values at ``ranks`` of the continuous resample: ``counts[j]`` draws uniform over key ``keys[j]``'s rounding
+    cell (keys ascending, counts positive).
+
+    The cells are adjacent and ordered, so rank ``r`` lies in the cell where the cumulative count passes it, at
+    local rank ``j`` of that cell's ``c`` uniforms. Ranks sharing a cell are drawn jointly, in order: given the
+    order statistic ``y`` at local rank ``j1`` (``y = 0``, ``j1 = -1`` for the first), the one at ``j2`` is
+    ``y + (1 - y) * Beta(j2 - j1, c - j2)`` (the ``c - j1 - 1`` uniforms above ``y`` are uniform on ``[y, 1]``).
+    """
+    uniq, inv = np.unique(ranks, return_inverse=True)
+    cum = np.cumsum(counts)
+    cell = np.searchsorted(cum, uniq, "right")
+    local = uniq - (cum[cell] - counts[cell])
+    c = counts[cell]
+    first = np.ones(uniq.size, bool)
+    first[1:] = cell[1:] != cell[:-1]
+    prev = np.where(first, -1, np.concatenate([[-1], local[:-1]]))
+    g = rng.beta(local - prev, c - local)
+    y = np.empty(uniq.size)
+    at = 0.0
+    for j in range(uniq.size):
+        at = g[j] if first[j] else at + (1.0 - at) * g[j]
+        y[j] = at
+    lo, hi = _cells(keys[cell].astype(np.uint64), dtype)
+    return (lo + y * (hi - lo))[inv.reshape(-1)]
+
+
+def _wide_model(dtype: torch.dtype, keys: np.ndarray, rng: np.random.Generator, k: int | None) -> torch.Tensor:
+    """The 32- and 64-bit model (breakpoints in ``dtype``) from the sorted finite order keys ``keys``."""
+    udtype, kind = DTYPES[dtype]
+    w = np.dtype(udtype).itemsize * 8
+    n = len(keys)
+    k = k or _k_candidates(n, w)[0]
+    kmin, kmax = _key_bounds(dtype)
+    nb = int(BOOT_FACTOR * n)
+    i = np.floor(probability_grid(k) * (nb - 1)).astype(np.int64)
+    m = min(10, n - 1)
     # Positions: values for floats (so blocks are value-linear, not spread over binades near zero), order keys
     # for integers (already value-linear).
     # keys are sorted, so the sorted resample keys[idx] is keys[sorted idx]: only these few of its ranks are
@@ -456,8 +572,8 @@ def build_model(t: torch.Tensor, rng: np.random.Generator, k: int | None = None,
     h = max(1, nb // (4 * k))
     lo_i, hi_i = np.maximum(i - h, 0), np.minimum(i + h, nb - 1)
     ranks = np.concatenate([i, lo_i, hi_i, [0, m, nb - 1, nb - 1 - m]])
-    at = keys[_order_statistics(rng.integers(0, n, nb), ranks)]
-    boot = _values(at, t.dtype) if kind == "float" else at.astype(np.float64)
+    at = keys[_boot_order_statistics(n, nb, ranks, rng)]
+    boot = _values(at, dtype) if kind == "float" else at.astype(np.float64)
     a, boot_lo, boot_hi, (b0, bm, btop, btop_m) = np.split(boot, [k + 1, 2 * (k + 1), 3 * (k + 1)])
     atom = np.zeros(k + 1, bool)
     atom[:-1] |= a[:-1] == a[1:]
@@ -479,8 +595,8 @@ def build_model(t: torch.Tensor, rng: np.random.Generator, k: int | None = None,
     high_gap = float(btop - btop_m) / m
     if kind == "float":
         with np.errstate(over="ignore", invalid="ignore"):
-            ext = _round_keys(np.array([b0 - rng.random() * low_gap, btop + rng.random() * high_gap]), t.dtype)
-            brk = np.sort(_round_keys(br, t.dtype))  # keys: -0.0 and +0.0 compare equal as values
+            ext = _round_keys(np.array([b0 - rng.random() * low_gap, btop + rng.random() * high_gap]), dtype)
+            brk = np.sort(_round_keys(br, dtype))  # keys: -0.0 and +0.0 compare equal as values
         lo_key = min(int(ext[0]), int(keys[0]) - 1) if np.isfinite(b0 - low_gap) else int(keys[0])
         hi_key = max(int(ext[1]), int(keys[-1]) + 1) if np.isfinite(btop + high_gap) else int(keys[-1])
         lo_key, hi_key = max(lo_key, kmin), min(hi_key, kmax)
@@ -493,29 +609,41 @@ def build_model(t: torch.Tensor, rng: np.random.Generator, k: int | None = None,
     br[0] = min(int(br[0]), lo_key)
     br[-1] = max(int(br[-1]), hi_key)
     bits = np.ascontiguousarray(from_order_key(br.astype(udtype), kind, w))
-    return torch.from_numpy(bits.view(np.dtype(f"i{w // 8}") if w > 8 else np.uint8)).view(t.dtype), nonfinite
+    return torch.from_numpy(bits.view(np.dtype(f"i{w // 8}") if w > 8 else np.uint8)).view(dtype)
 
 
-def _order_statistics(x: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """``np.sort(x)[r]`` for non-negative int64 ``x``, without sorting all of ``x``.
+def _boot_draws(n: int, nb: int, seed: np.ndarray):
+    """The ``nb`` bootstrap indices in ``[0, n)``, in chunks of ``_DRAW_CHUNK`` (the same chunks for a seed)."""
+    g = np.random.Generator(np.random.PCG64(seed))
+    for a in range(0, nb, _DRAW_CHUNK):
+        yield g.integers(0, n, min(_DRAW_CHUNK, nb - a))
 
-    A histogram over the top bits of ``x`` (about 2**18 buckets) says which bucket holds each rank; only those
-    buckets are gathered and sorted: two compiled passes over ``x`` instead of a sort.
+
+def _boot_order_statistics(n: int, nb: int, r: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``np.sort(rng.integers(0, n, nb))[r]`` (in law), without holding the ``nb`` draws or sorting them.
+
+    The draws come in chunks from a child stream, twice: a histogram over the top bits of the indices (about
+    2**18 buckets, each about ``nb / 2**18`` draws, indices being uniform) says which bucket holds each rank; the
+    second pass gathers only those buckets' draws, which are sorted: memory of the few buckets, not ``nb``.
     """
-    x = np.ascontiguousarray(x, dtype=np.int64)
-    shift = np.int64(max(0, int(x.max(initial=0)).bit_length() - 18))
-    ends = np.zeros((int(x.max(initial=0)) >> shift) + 2, np.int64)
-    _kernel.bucket_counts(x, shift, ends)
-    np.cumsum(ends, out=ends)  # ends[b]: elements in the buckets before b
+    seed = rng.integers(0, 1 << 63, 4)
+    r = np.asarray(r, dtype=np.int64)
+    shift = np.int64(max(0, (n - 1).bit_length() - 18))
+    ends = np.zeros(((n - 1) >> int(shift)) + 2, np.int64)
+    for x in _boot_draws(n, nb, seed):
+        _kernel.bucket_counts(x, shift, ends)
+    np.cumsum(ends, out=ends)  # ends[b]: draws in the buckets before b
     bucket = np.searchsorted(ends, r, side="right") - 1
     need = np.zeros(len(ends) - 1, bool)
     need[bucket] = True
     sizes = np.where(need, np.diff(ends), 0)
     start = np.cumsum(sizes) - sizes
     buf = np.empty(int(sizes.sum()), np.int64)
-    _kernel.gather_buckets(x, shift, np.where(need, start, -1), buf)
+    fill = np.where(need, start, -1)
+    for x in _boot_draws(n, nb, seed):
+        _kernel.gather_buckets(x, shift, fill, buf)
     buf.sort()  # the buckets are disjoint ranges in bucket order: sorting all sorts each
-    return buf[start[bucket] + np.asarray(r) - ends[bucket]]
+    return buf[start[bucket] + r - ends[bucket]]
 
 
 def _fine_keys(pos: np.ndarray, dtype: torch.dtype) -> np.ndarray:
@@ -551,28 +679,36 @@ def model_values(params: dict[str, Any], dtype: torch.dtype) -> np.ndarray:
     return pos - (1 << (w - 1)) if kind == "int" else pos
 
 
-def _surjective_codec(dtype: torch.dtype, breaks: np.ndarray, keys: np.ndarray) -> _Codec | None:
-    """The escape-free codec for an 8- or 16-bit tensor if every element has a main-region code, else None."""
-    w = np.dtype(DTYPES[dtype][0]).itemsize * 8
+def _surjective_codec(dtype: torch.dtype, breaks: np.ndarray, present: np.ndarray) -> _Codec | None:
+    """The escape-free codec for an 8- or 16-bit tensor if every element has a main-region code, else None
+    (``present``: the tensor's distinct order keys, uint64)."""
     probe = _Codec(dtype, breaks, 0, 0)
-    present = np.flatnonzero(np.bincount(keys, minlength=1 << w)).astype(np.uint64)
     return probe if np.all(probe.preimage(present)[1] > 0) else None
 
 
-def _model_and_codec(t: torch.Tensor, keys: np.ndarray,
-                     seed: np.random.SeedSequence) -> tuple[torch.Tensor, _Codec]:
-    """The public model and the codec with the smallest escape region that gives every element a code."""
+def _model_and_codec(t: torch.Tensor, keys: np.ndarray | None, seed: np.random.SeedSequence, *,
+                     counts: np.ndarray | None = None, keys_sorted: bool = False) -> tuple[torch.Tensor, _Codec]:
+    """The public model and the codec with the smallest escape region that gives every element a code.
+
+    ``keys``: the order keys of all of ``t`` (``keys_sorted``: sorted); for 8- and 16-bit dtypes ``counts``,
+    their histogram, may stand in for them.
+    """
     w = np.dtype(DTYPES[t.dtype][0]).itemsize * 8
     n = int(t.numel())
     tries = _k_candidates(n, w) if n >= SMALL_N and w <= 16 else [None]
+    if w <= 16 and n >= SMALL_N and counts is None:
+        if keys is None:
+            keys = order_key(raw_view(t.contiguous()), DTYPES[t.dtype][1], w)
+        counts = _key_counts(keys, w)
     first = None
     for k in tries:
         # The same seed for every try: the same bootstrap resample, only the interval count changes.
-        breaks, nonfinite = build_model(t, np.random.Generator(np.random.PCG64(seed)), k, keys)
+        breaks, nonfinite = build_model(t, np.random.Generator(np.random.PCG64(seed)), k, keys, counts=counts,
+                                        keys_sorted=keys_sorted)
         first = first or (breaks, nonfinite)
         if nonfinite or w > 16:
             break
-        codec = _surjective_codec(t.dtype, raw_view(breaks), keys)
+        codec = _surjective_codec(t.dtype, raw_view(breaks), np.flatnonzero(counts).astype(np.uint64))
         if codec is not None:
             return breaks, codec
     breaks, nonfinite = first
@@ -622,19 +758,33 @@ class PreAesTransform(Transform):
         model_seed, chunk_seed = seeds.spawn(2)
         udtype, kind = DTYPES[t.dtype]
         w = np.dtype(udtype).itemsize * 8
-        keys = order_key(src, kind, w)
-        breaks, codec = _model_and_codec(t, keys, model_seed)
+        # Memory: besides the tensor and the codes (twice its size), 32- and 64-bit tensors hold one sorted copy of
+        # their order keys while the model is built; 8- and 16-bit ones only a histogram of them. Each chunk
+        # computes its own keys.
+        keys, counts, keys_sorted = None, None, False
+        if w <= 16:
+            counts = np.zeros(1 << w, np.int64)
+            for a in range(0, src.size, _CHUNK):
+                _kernel.key_counts(order_key(src[a:a + _CHUNK], kind, w), counts)
+        elif src.size >= SMALL_N and t.dtype != torch.float64:
+            keys = order_key(src, kind, w)
+            if np.may_share_memory(keys, src):
+                keys = keys.copy()  # sorted in place below: never the caller's tensor
+            _kernel.radix_sort(keys, np.empty_like(keys))
+            keys_sorted = True
+        breaks, codec = _model_and_codec(t, keys, model_seed, counts=counts, keys_sorted=keys_sorted)
+        del keys
         out = np.empty(src.size, dtype=codec.cdtype)
         nonce = os.urandom(16)
         itemsize = out.itemsize
         if codec.raw:
-            codes = keys.astype(codec.cdtype)
+            codes = order_key(src, kind, w).astype(codec.cdtype)
             aes_ctr_into(key, nonce, codes.view(np.uint8), out.view(np.uint8))
         else:
             table = None
             if w <= 16:
                 # At most 65,536 distinct values: search each once, then gather.
-                present = np.flatnonzero(np.bincount(keys, minlength=1 << w)).astype(np.uint64)
+                present = np.flatnonzero(counts).astype(np.uint64)
                 lo_t = np.zeros(1 << w, np.uint64)
                 cnt_t = np.zeros(1 << w, np.uint64)
                 lo_t[present], cnt_t[present] = codec.preimage(present)
@@ -643,7 +793,7 @@ class PreAesTransform(Transform):
             streams = chunk_seed.spawn(max(n_chunks, 1))
 
             def work(a: int, b: int) -> None:
-                u = keys[a:b].astype(np.uint64)
+                u = order_key(src[a:b], kind, w).astype(np.uint64)
                 if table is not None:
                     lo, cnt = table[0][u], table[1][u]
                 else:

@@ -141,13 +141,3 @@ def test_preimage_is_exact_at_breakpoints_and_zeros(name):
     end = _first_code_reference(codec, u, True)
     np.testing.assert_array_equal(cnt, np.where(end > first, end - first, np.uint64(0)))
     np.testing.assert_array_equal(lo[cnt > 0], first[cnt > 0])
-
-
-@pytest.mark.parametrize("n", [1, 7, 1000, 300_000])
-def test_order_statistics_match_a_full_sort(n):
-    from chiplock.transforms.pre_aes import _order_statistics
-
-    rng = np.random.default_rng(n)
-    x = rng.integers(0, max(n // 3, 1), n)  # repeated values, as a bootstrap resample's indices are
-    r = np.concatenate([[0, n - 1], rng.integers(0, n, 500)])
-    np.testing.assert_array_equal(_order_statistics(x, r), np.sort(x)[r])
