@@ -629,6 +629,8 @@ def load_state_dict(model: torch.nn.Module, path: str | os.PathLike, profile: De
 
     Parameters on the ``meta`` device (a model built without memory) are replaced by the unlocked tensors;
     others are copied into in place (keeping their device and dtype). ``device`` moves each tensor there first.
+    Loading is not transactional: if a later tensor fails (altered file), the earlier ones are already in the
+    model; discard it (or use :func:`unlock`, all or nothing, when memory allows).
 
     Returns:
         ``(missing, unexpected)`` tensor names, as :meth:`torch.nn.Module.load_state_dict` reports them.
