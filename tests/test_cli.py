@@ -284,3 +284,37 @@ def test_demo_writes_report_with_authorized_and_unauthorized_accuracy(tmp_path):
         assert r["acc_other"] <= 0.10 + 0.05, r  # chance + 5 %
     pre = next(r for r in data["results"] if r["transform"] == "pre-aes")
     assert pre["ks_p"] > 0.01
+
+
+def test_lock_once_then_one_licence_per_device(tmp_path, model_file, profile, wrong_profile, capsys):
+    # The vendor flow: lock without a device, issue a licence per device, unlock with it.
+    d = tmp_path
+    profile.save(d / "dev.json")
+    wrong_profile.save(d / "other.json")
+    (d / "secret").write_bytes(SECRET)
+    code, out, err = _cli(["lock", model_file, "-o", "m.chiplock", "--transform", "aes", "--group",
+                           "bias=aes:b"], capsys, d)
+    assert code == 0, err
+    assert (d / "m.chiplock.keys").stat().st_mode & 0o777 == 0o600
+    assert "license issue" in err + out
+    code, _, err = _cli(["license", "issue", "m.chiplock", "--profile", "dev.json", "-o", "dev.lic",
+                         "--secret-file", "secret"], capsys, d)
+    assert code == 0, err
+    code, _, err = _cli(["unlock", "m.chiplock", "--profile", "dev.json", "--license", "dev.lic", "--secret-file",
+                         "secret", "-o", "w.safetensors"], capsys, d)
+    assert code == 0, err
+    got = load_file(str(d / "w.safetensors"))
+    assert set(got) == {"w", "b"}
+    # Another device with this licence is refused (aes: authenticated wrap), in one line.
+    code, _, err = _cli(["unlock", "m.chiplock", "--profile", "other.json", "--license", "dev.lic",
+                         "--secret-file", "secret"], capsys, d)
+    assert code == 2 and err.startswith("error: this licence is for another device") and err.count("\n") == 1
+    # Without a licence, the file says what to pass.
+    code, _, err = _cli(["unlock", "m.chiplock", "--profile", "dev.json"], capsys, d)
+    assert code == 2 and "--license" in err
+    # Locking again onto the same keys file is refused: it holds the only copy of the first model's keys.
+    code, _, err = _cli(["lock", model_file, "-o", "m2.chiplock", "--keys-out", "m.chiplock.keys"], capsys, d)
+    assert code == 2 and ("already exists" in err or "another locked model" in err)
+    # A malformed --group is one clear usage error.
+    code, _, err = _cli(["lock", model_file, "-o", "m3.chiplock", "--group", "nolabel"], capsys, d)
+    assert code == 2 and "LABEL=TRANSFORM:PATTERN" in err
