@@ -52,13 +52,13 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from chiplock._dtypes import NUMPY_CODE_NAMES, STORED_DTYPES
-from chiplock._digest import TREE_CHUNK, leaf_digest
+from chiplock._digest import TREE_CHUNK, leaf_digest, tree_root
 from chiplock._pool import release_mapped
 from chiplock.errors import ContainerError
 from chiplock.transforms.base import (DTYPES, Encoded, Transform, aes_ctr_into, empty_raw, parallel_for,
@@ -748,6 +748,14 @@ class PreAesTransform(Transform):
         return 2 * (k + 3) * max(4, w // 8) + 200
 
     def encode(self, tensor: torch.Tensor, key: bytes) -> Encoded:
+        return self._encode(tensor, key, None)
+
+    def encode_to(self, tensor: torch.Tensor, key: bytes, sink: Callable[[int, np.ndarray], None]) -> Encoded:
+        """:meth:`encode` chunk by chunk into ``sink(byte_offset, chunk)``, one digest leaf per chunk: the codes
+        (twice the tensor's size) are never in memory whole. Returns the parameters and the tree digest."""
+        return self._encode(tensor, key, sink)
+
+    def _encode(self, tensor: torch.Tensor, key: bytes, sink: Callable[[int, np.ndarray], None] | None) -> Encoded:
         t = tensor.detach().cpu().contiguous()
         src = raw_view(t)
         # The choice *within* a preimage needs statistical uniformity, not unpredictability: the chosen codes
@@ -774,12 +782,24 @@ class PreAesTransform(Transform):
             keys_sorted = True
         breaks, codec = _model_and_codec(t, keys, model_seed, counts=counts, keys_sorted=keys_sorted)
         del keys
-        out = np.empty(src.size, dtype=codec.cdtype)
         nonce = os.urandom(16)
-        itemsize = out.itemsize
+        itemsize = np.dtype(codec.cdtype).itemsize
+        # Streaming: one chunk per 4 MiB digest leaf of the stored codes, hashed and handed to the sink.
+        out = None if sink is not None else np.empty(src.size, dtype=codec.cdtype)
+        chunk = TREE_CHUNK // itemsize if sink is not None else _CHUNK
+        tree: list[bytes] = [b""] * (-(-src.size // chunk))
+
+        def emit(a: int, codes: np.ndarray) -> None:
+            raw_codes = codes.view(np.uint8)
+            if out is None:
+                aes_ctr_into(key, nonce, raw_codes, raw_codes, a * itemsize)
+                tree[a // chunk] = leaf_digest(raw_codes)
+                sink(a * itemsize, raw_codes)
+            else:
+                aes_ctr_into(key, nonce, raw_codes, out[a:a + codes.size].view(np.uint8), a * itemsize)
+
         if codec.raw:
-            codes = order_key(src, kind, w).astype(codec.cdtype)
-            aes_ctr_into(key, nonce, codes.view(np.uint8), out.view(np.uint8))
+            parallel_for(src.size, chunk, lambda a, b: emit(a, order_key(src[a:b], kind, w).astype(codec.cdtype)))
         else:
             table = None
             if w <= 16:
@@ -789,8 +809,7 @@ class PreAesTransform(Transform):
                 cnt_t = np.zeros(1 << w, np.uint64)
                 lo_t[present], cnt_t[present] = codec.preimage(present)
                 table = (lo_t, cnt_t)
-            n_chunks = -(-src.size // _CHUNK)
-            streams = chunk_seed.spawn(max(n_chunks, 1))
+            streams = chunk_seed.spawn(max(len(tree), 1))
 
             def work(a: int, b: int) -> None:
                 u = order_key(src[a:b], kind, w).astype(np.uint64)
@@ -801,7 +820,7 @@ class PreAesTransform(Transform):
                 total = np.empty(b - a, np.uint64)
                 if _kernel.code_totals(u, cnt, np.uint64(codec.esc_lo), np.uint64(codec.R), total):
                     raise RuntimeError("pre-aes could not encode a value exactly; please report this as a bug")
-                r = np.random.Generator(np.random.PCG64(streams[a // _CHUNK])).integers(0, total, dtype=np.uint64)
+                r = np.random.Generator(np.random.PCG64(streams[a // chunk])).integers(0, total, dtype=np.uint64)
                 codes = np.empty(b - a, codec.cdtype)
                 _kernel.pick_codes(u, lo, cnt, r, np.uint64(codec.esc_lo), np.uint64(codec.mc % (1 << 64)), codes)
                 # Check with the unlock path itself (one compiled decoder for both directions).
@@ -810,12 +829,13 @@ class PreAesTransform(Transform):
                 if not np.array_equal(bits, src[a:b]):
                     raise RuntimeError("pre-aes could not encode a value exactly; please report this as a bug")
                 # Encrypt the chunk while it is in cache (CTR is seekable: the same stream as one pass).
-                aes_ctr_into(key, nonce, codes.view(np.uint8), out[a:b].view(np.uint8), a * itemsize)
+                emit(a, codes)
 
-            parallel_for(src.size, _CHUNK, work)
+            parallel_for(src.size, chunk, work)
         params = {"breaks": raw_view(breaks).tobytes().hex(), "escape": [codec.esc_lo, codec.R],
                   "nonce": nonce.hex(), "mode": "raw" if codec.raw else "model"}
-        return Encoded(out, params, stored_dtype=NUMPY_CODE_NAMES[np.dtype(codec.cdtype)])
+        return Encoded(out, params, stored_dtype=NUMPY_CODE_NAMES[np.dtype(codec.cdtype)],
+                       digest=None if sink is None else tree_root(tree))
 
     def decode(self, stored: np.ndarray, params: dict[str, Any], key: bytes, dtype: torch.dtype,
                shape: tuple[int, ...], *, leaves: list[bytes] | None = None) -> torch.Tensor:
