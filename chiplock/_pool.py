@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
@@ -35,6 +36,20 @@ def parallel_for(n: int, chunk: int, fn: Callable[[int, int], None]) -> None:
     futures = [POOL.submit(fn, s, min(s + chunk, n)) for s in range(0, n, chunk)]
     for f in futures:
         f.result()
+
+
+_LOCAL = threading.local()
+
+
+def scratch(nbytes: int) -> "np.ndarray":
+    """A per-thread scratch byte array of at least ``nbytes`` (at least one chunk), reused by every chunk a
+    thread of the pool encodes or decodes: no allocation (and no page faults) per chunk."""
+    import numpy as np
+
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _LOCAL.buf = np.empty(max(nbytes, CHUNK_BYTES), dtype=np.uint8)
+    return buf[:nbytes]
 
 
 def release_mapped(view: "np.ndarray") -> None:

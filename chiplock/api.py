@@ -278,9 +278,9 @@ def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str 
 
         def lock_one(src: Path, out: Path, index: int, count: int) -> dict[str, Any]:
             source = _source(src)
-            _write_container(out, source, _plan(source, config), keys, license=lic, shard=(index, count),
-                             signing_key=signing_key, progress=None)
-            return inspect(out)
+            # The metadata just written, not a second read of the shard.
+            return _write_container(out, source, _plan(source, config), keys, license=lic, shard=(index, count),
+                                    signing_key=signing_key, progress=None).public()
 
         lock_dir(weights, out_path, lock_one, force=force, workers=workers, progress=progress,
                  sign=None if signing_key is None else (lambda message: sign(signing_key, message)))

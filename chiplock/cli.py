@@ -210,10 +210,9 @@ def lock_cmd(model: Path = typer.Argument(..., help="Weights: .safetensors, a .p
         # Before any key derivation: OUT may not be an input file or a plaintext model (without --force).
         check_output(out, kind="container", force=force, inputs=inputs)
     if keys_path is not None:
+        # lock() keeps the keys-file rules (not the output, not in a model folder, never over another model's
+        # keys); only the CLI knows the profile, secret and key files, which the keys must not replace either.
         check_output(keys_path, kind="file", inputs=inputs + [out])
-        if keys_path.exists() and not force:
-            raise OutputError(f"{str(keys_path)!r} already exists (the content keys of another lock?); choose "
-                              "another path with --keys-out or pass --force to replace it")
     with _progress("lock") as update:
         info = lock(model, out, prof, secret=secret, config=config, signing_key=key, allow_weak_key=allow_weak_key,
                     force=force, content_keys_path=keys_path, workers=workers, progress=update)

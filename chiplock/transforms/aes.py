@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -22,7 +21,7 @@ from cryptography.exceptions import InvalidTag as _CryptoInvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from chiplock._digest import tree_root
-from chiplock._pool import release_mapped
+from chiplock._pool import release_mapped, scratch
 from chiplock.errors import InvalidTag
 from chiplock.transforms.base import (CHUNK_BYTES, Encoded, Transform, aes_ctr_into, empty_raw, parallel_for,
                                       raw_view, register_transform)
@@ -37,16 +36,6 @@ def _nonce(prefix: bytes, i: int) -> bytes:
 
 def _chunks(nbytes: int) -> int:
     return -(-nbytes // CHUNK_BYTES)
-
-
-_LOCAL = threading.local()
-
-
-def _scratch(n: int) -> np.ndarray:
-    buf = getattr(_LOCAL, "buf", None)
-    if buf is None or buf.nbytes < n:
-        buf = _LOCAL.buf = np.empty(max(n, CHUNK_BYTES), dtype=np.uint8)
-    return buf[:n]
 
 
 @register_transform
@@ -84,7 +73,7 @@ class AesTransform(Transform):
         tags = [b""] * _chunks(src.nbytes)
 
         def work(s: int, e: int) -> None:
-            buf = _scratch(e - s)
+            buf = scratch(e - s)
             enc = Cipher(algorithms.AES(key), modes.GCM(_nonce(prefix, s // CHUNK_BYTES))).encryptor()
             enc.update_into(memoryview(src[s:e]), memoryview(buf))
             enc.finalize()

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -59,7 +58,7 @@ import torch
 
 from chiplock._dtypes import NUMPY_CODE_NAMES, STORED_DTYPES
 from chiplock._digest import TREE_CHUNK, leaf_digest, tree_root
-from chiplock._pool import release_mapped
+from chiplock._pool import release_mapped, scratch
 from chiplock.errors import ContainerError
 from chiplock.transforms.base import (DTYPES, Encoded, Transform, aes_ctr_into, empty_raw, parallel_for,
                                       raw_view, register_transform)
@@ -718,16 +717,9 @@ def _model_and_codec(t: torch.Tensor, keys: np.ndarray | None, seed: np.random.S
     return breaks, _Codec(t.dtype, raw_view(breaks), *esc)
 
 
-_LOCAL = threading.local()
-
-
 def _buffer(n: int, dtype: type) -> np.ndarray:
-    """A per-thread scratch array of at least ``n`` elements (unlock reuses it for every chunk)."""
-    buf = getattr(_LOCAL, "buf", None)
-    nbytes = n * np.dtype(dtype).itemsize
-    if buf is None or buf.nbytes < nbytes:
-        buf = _LOCAL.buf = np.empty(max(nbytes, _CHUNK * 8), dtype=np.uint8)
-    return buf[:nbytes].view(dtype)
+    """A per-thread scratch array of ``n`` elements (unlock reuses it for every chunk)."""
+    return scratch(n * np.dtype(dtype).itemsize).view(dtype)
 
 
 @register_transform
