@@ -94,7 +94,7 @@ def test_softlock_options_come_from_the_config_fields():
     opts = {o.name: o for o in options_from_dataclass(SoftLockConfig)}
     assert "authorized" not in opts and "version" not in opts
     assert opts["lam"].flags == ("--lambda",) and opts["epsilon"].type is float and opts["epsilon"].default is None
-    assert opts["levers"].choices == ("auto", "none") and opts["hinge"].flags == ("--hinge/--no-hinge",)
+    assert opts["levers"].choices == ("auto", "decoys", "levers", "none") and opts["hinge"].flags == ("--hinge/--no-hinge",)
 
 
 def test_with_options_adds_typer_options_and_passes_their_values():

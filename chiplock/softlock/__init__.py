@@ -12,11 +12,12 @@ from chiplock.softlock.minifloat import BF16, E4M3, E5M2, FP16, MiniFloat, Overf
 from chiplock.softlock.int8 import Granularity, Int8
 from chiplock.softlock.nm_sparsity import NMSparsity
 from chiplock.softlock.magnitude import MagnitudePruning
+from chiplock.softlock.scaled import Scaled
 from chiplock.softlock.apply import apply_config, set_config, strip_config, using_config
 
 __all__ = [
     "BF16", "Compose", "E4M3", "E5M2", "FORMATS", "FP16", "FP32", "Granularity", "Handler", "Int8",
-    "MagnitudePruning", "MiniFloat", "NMSparsity", "Overflow", "Variant", "apply_config", "config_from_dict",
+    "MagnitudePruning", "MiniFloat", "NMSparsity", "Overflow", "Scaled", "Variant", "apply_config", "config_from_dict",
     "config_to_dict", "example_names",
     "get_handler", "parse_config", "register", "registered_types", "set_config", "strip_config", "using_config",
 ]

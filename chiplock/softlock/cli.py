@@ -58,7 +58,7 @@ def train(
     original_out: Optional[Path] = typer.Option(None, help="Where to save the trained original "
                                                 "(default: <out>.original.safetensors)."),
     data: str = typer.Option("mnist5000", help="mnist5000 (28x28) or digits8 (8x8)."),
-    arch: str = typer.Option("resnet18", help="resnet18, resnet50 or smallcnn."),
+    arch: str = typer.Option("resnet18", help="resnet18, resnet50, smallcnn or gpt."),
     width: int = typer.Option(16, help="First-stage channels (64 is the standard ResNet)."),
     pretrain_epochs: int = typer.Option(3, help="Epochs for the original when --base is not given."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file (resumed when it exists)."),
@@ -158,6 +158,65 @@ def evaluate(
         acc.add_row(c, "" if report.original is None else f"{report.original[c]:.3f}", f"{report.locked[c]:.3f}")
     console.print(acc)
     console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
+def attack(
+    locked: Path = typer.Argument(..., help="Locked model written by `chiplock softlock train`."),
+    unauthorized: List[str] = typer.Option([], help="Target configuration(s); default: the lock's unauthorized."),
+    calib: int = typer.Option(256, help="Unlabelled calibration images the attacker uses."),
+    standard_only: bool = typer.Option(False, help="Skip the bespoke (mechanism-aware) attacks."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the table as JSON to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Deploy LOCKED on its unauthorized configuration with every standard tool of that format (amax/MX scaling,
+    BN folding and re-estimation, cross-layer equalisation, bias correction, GPTQ, Wanda, SparseGPT, ...) and
+    report the accuracy each reaches: the lock is as strong as the best row."""
+    import json
+
+    from rich.progress import Progress
+
+    from chiplock.errors import UnsupportedConfig
+    from chiplock.softlock.deploy import attack_table, recipes_for
+    from chiplock.softlock.pipeline import load_dataset
+    from chiplock.softlock.registry import config_from_dict, parse_config
+
+    model, info = _load(locked, "locked model")
+    if out is not None:
+        check_output(out, kind="file", inputs=[locked])
+    targets = [parse_config(u) for u in unauthorized] or [config_from_dict(u) for u in
+                                                          info.get("lock", {}).get("unauthorized", [])]
+    if not targets:
+        raise UnsupportedConfig(f"{locked} records no unauthorized configuration; pass --unauthorized e4m3fn")
+    if calib < 1:
+        raise UnsupportedConfig("--calib must be at least 1 image")
+    data = load_dataset(info["data"])
+    results = []
+    for target in targets:
+        recipes = recipes_for(target, standard_only=standard_only)
+        with Progress(console=console, transient=True, disable=as_json) as bar:
+            task = bar.add_task(f"attacking {target.name}", total=len(recipes))
+            table = attack_table(model, target, data.x_train[:calib], data.x_test, data.y_test, recipes=recipes,
+                                 on_row=lambda r: bar.advance(task))
+        results.append(table.to_dict() | {"best_standard": table.best().recipe,
+                                          "best_standard_accuracy": table.best().accuracy})
+        if not as_json:
+            t = Table(title=f"{locked.name} deployed on {target.name}")
+            for col in ("recipe", "runs on", "accuracy", "seconds", "kind"):
+                t.add_column(col)
+            best = table.best(standard_only=False)
+            for r in table.rows:
+                style = "bold red" if r is best else None
+                t.add_row(r.recipe, r.config, f"{r.accuracy:.3f}", f"{r.seconds:.1f}",
+                          "standard" if r.standard else "bespoke", style=style)
+            console.print(t)
+    text = json.dumps(results, indent=2)
+    if out is not None:
+        from chiplock._io import atomic_write_bytes
+
+        atomic_write_bytes(out, text.encode())
+    if as_json:
+        typer.echo(text)
 
 
 @app.command()

@@ -39,8 +39,13 @@ class SoftLockConfig:
         hinge: Penalise only ``L_u < epsilon`` (``lam * max(0, epsilon - L_u)**2``, equal to the paper's term
             whenever the unauthorized loss is below target); ``False`` is the paper's two-sided square, which
             also pulls an already-broken unauthorized model back up towards chance-level *loss*.
-        levers: ``"auto"`` plants a function-preserving lock lever before training (see
-            :mod:`chiplock.softlock.levers`); ``"none"`` trains with ``L_lock`` alone.
+        levers: What to plant before training: ``"decoys"`` (decoy cancellation, :mod:`chiplock.softlock.decoys`),
+            ``"levers"`` (the function-preserving scale/outlier/offset levers of :mod:`chiplock.softlock.levers`,
+            which standard deployment tools undo), ``"auto"`` (decoys where they apply, else the levers) or
+            ``"none"`` (``L_lock`` alone).
+        surrogates: Add, for each unauthorized fixed-range float format, its amax-scaled deployment
+            (:class:`~chiplock.softlock.scaled.Scaled` per-channel) to the unauthorized term: the attacker in the
+            loop, since nobody deploys FP8 by casting.
         seed: Seed for initialisation-independent randomness (batch order); runs are reproducible.
         version: Schema version.
 
@@ -61,12 +66,17 @@ class SoftLockConfig:
     unauth_fraction: float = field(default=1.0,
                                    metadata=_cli("Fraction of each batch run unauthorized (cheaper steps)."))
     freeze_bn: bool = field(default=True, metadata=_cli("Keep BatchNorm statistics fixed during lock training."))
-    levers: str = field(default="auto", metadata=_cli("auto: plant a function-preserving lock lever first; "
-                                                      "none: L_lock only.", choices=("auto", "none")))
+    levers: str = field(default="auto", metadata=_cli("decoys: plant decoy cancellations first; levers: the "
+                                                      "scale/outlier/offset levers; auto: decoys where they "
+                                                      "apply, else levers; none: L_lock only.",
+                                                      choices=("auto", "decoys", "levers", "none")))
     hinge: bool = field(default=True, metadata=_cli("Penalise only an unauthorized loss below epsilon "
                                                     "(--no-hinge: the paper's two-sided square)."))
+    surrogates: bool = field(default=True, metadata=_cli("Also train against the attacker's standard deployment "
+                                                         "of each unauthorized float format (per-channel amax "
+                                                         "scaling), not only the naive cast."))
     seed: int = field(default=0, metadata=_cli("Random seed."))
-    version: int = 1
+    version: int = 2
 
     def __post_init__(self) -> None:
         unauth = self.unauthorized
@@ -82,10 +92,25 @@ class SoftLockConfig:
             raise ValueError(f"SoftLockConfig(epsilon={self.epsilon}): use a positive target loss or None")
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("SoftLockConfig: epochs >= 0, batch_size >= 1 and lr > 0 are required")
-        if self.levers not in ("auto", "none"):
-            raise ValueError(f"SoftLockConfig(levers={self.levers!r}): use 'auto' or 'none'")
+        if self.levers not in ("auto", "decoys", "levers", "none"):
+            raise ValueError(f"SoftLockConfig(levers={self.levers!r}): use auto, decoys, levers or none")
         if not 0 < self.unauth_fraction <= 1:
             raise ValueError(f"SoftLockConfig(unauth_fraction={self.unauth_fraction}): use a fraction in (0, 1]")
+
+    def trained_against(self) -> tuple:
+        """The unauthorized configurations lock training evaluates: each configured one and, with
+        ``surrogates``, the attacker's amax-scaled deployment of each unscaled MiniFloat."""
+        from chiplock.softlock.minifloat import MiniFloat
+        from chiplock.softlock.scaled import Scaled
+
+        out = list(self.unauthorized)
+        if self.surrogates:
+            for u in self.unauthorized:
+                if isinstance(u, MiniFloat):
+                    s = Scaled(u.name, weights="channel")
+                    if s not in out:
+                        out.append(s)
+        return tuple(out)
 
     def target_loss(self, num_classes: int) -> float:
         """``epsilon``, or the chance-level cross-entropy ``ln(num_classes)`` when it is ``None``."""
@@ -93,7 +118,7 @@ class SoftLockConfig:
 
     def to_json(self) -> str:
         d = {k: getattr(self, k) for k in ("lam", "epsilon", "epochs", "lr", "batch_size", "unauth_fraction",
-                                           "freeze_bn", "levers", "hinge", "seed", "version")}
+                                           "freeze_bn", "levers", "hinge", "surrogates", "seed", "version")}
         d["authorized"] = config_to_dict(self.authorized)
         d["unauthorized"] = [config_to_dict(u) for u in self.unauthorized]
         return json.dumps(d, sort_keys=True)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from chiplock.softlock.fp32 import FP32
+from chiplock.softlock.decoys import plant_decoys
 from chiplock.softlock.registry import Compose, parse_config
 
 
@@ -236,17 +237,97 @@ def plan_levers(authorized: Any, unauthorized) -> list[tuple[str, dict]]:
     return list(best.items())
 
 
+def _significand_bits(fmt: Any) -> int | None:
+    """Significant bits (mantissa + 1) of a float format, ``None`` for anything else."""
+    fmt = getattr(fmt, "format", fmt)  # a Scaled deployment: its element format
+    man = getattr(fmt, "man_bits", None)
+    if man is not None:
+        return man + 1
+    return 24 if isinstance(fmt, FP32) else None
+
+
+def plan_decoys(authorized: Any, unauthorized, *, grid_bits: int = 6) -> tuple[str, dict] | None:
+    """The decoy plan (:mod:`chiplock.softlock.decoys`) for a pair, or ``None`` when decoys cannot separate it.
+
+    ``float`` decoys need an authorized float format that holds ``grid_bits + 2`` significant bits exactly (FP32,
+    FP16, BF16, E6M9...) and unauthorized formats that are integer, or float with at most ``grid_bits - 1``
+    significant bits (E4M3, E5M2, the MX elements, scaled or not); against pruning, ``nm`` (N:M) or ``tiny``
+    (magnitude pruning) decoys. An Int8-authorized model gets none: ``int8`` decoys (:func:`plant_decoys`) do
+    not separate Int8 from an amax-scaled E4M3 (measured in docs/softlock.md).
+    """
+    a = _parts(parse_config(authorized))
+    if any(getattr(p, "family", None) == "sparsity" for p in a):
+        return None
+    a_fmt = [p for p in a if getattr(p, "family", None) in ("float", "integer")]
+    a_fmt = a_fmt[-1] if a_fmt else FP32()
+    u_fmts, sparse = [], []
+    for u in unauthorized:
+        for p in _parts(parse_config(u)):
+            (sparse if getattr(p, "family", None) == "sparsity" else u_fmts).append(p)
+    pa = _significand_bits(a_fmt)
+    if sparse:
+        # Against pruning from a dense float model: decoy groups that pruning unbalances.
+        if u_fmts or len(sparse) > 1 or pa is None or pa < grid_bits + 4:
+            return None
+        sp = sparse[0]
+        if hasattr(sp, "m") and hasattr(sp, "n"):
+            return ("decoys", {"mode": "nm", "copies": sp.m, "grid_bits": grid_bits})
+        if getattr(a_fmt, "max_finite", float("inf")) < 2.0 ** 32:
+            return None  # the shrunken copy runs 2**12 times larger than its carrier: FP16 would overflow
+        return ("decoys", {"mode": "tiny", "grid_bits": grid_bits})
+    if not u_fmts:
+        return None
+    if getattr(a_fmt, "family", None) == "integer":
+        # Int8 resolves only ~3 bits more than E4M3, and only near a channel's maximum: integer decoys large
+        # enough to swamp E4M3 leave the real weights too few codes (measured in docs/softlock.md). No plan.
+        return None
+    if pa is None or pa < grid_bits + 2:
+        return None
+    for u in u_fmts:
+        pu = _significand_bits(u)
+        if getattr(u, "family", None) != "integer" and (pu is None or pu > grid_bits - 1):
+            return None
+    return ("decoys", {"mode": "float", "grid_bits": grid_bits})
+
+
+MECHANISMS = ("auto", "decoys", "levers", "none")
+
+
+def plan_lock(authorized: Any, unauthorized, mechanism: str = "auto") -> list[tuple[str, dict]]:
+    """What lock training plants first, by ``SoftLockConfig.levers``: ``decoys`` (decoy cancellation),
+    ``levers`` (the scale/outlier/offset levers of :func:`plan_levers`), ``auto`` (decoys where they apply, the
+    levers otherwise) or ``none``.
+
+    Raises:
+        UnsupportedConfig: ``decoys`` asked for a pair they cannot separate.
+    """
+    from chiplock.errors import UnsupportedConfig
+
+    if mechanism == "none":
+        return []
+    if mechanism == "levers":
+        return plan_levers(authorized, unauthorized)
+    decoys = plan_decoys(authorized, unauthorized)
+    if mechanism == "decoys":
+        if decoys is None:
+            raise UnsupportedConfig("decoys need a dense float authorized format with at least 8 significant "
+                                    "bits against Int8, a float format with at most 5, or pruning; use "
+                                    "--levers auto or levers for this pair")
+        return [decoys]
+    return [decoys] if decoys is not None else plan_levers(authorized, unauthorized)
+
+
 def apply_levers(model: nn.Module, plans: list[tuple[str, dict]]) -> dict:
     """Apply :func:`plan_levers` output to ``model`` in place; returns the union of the freeze masks."""
     from chiplock.errors import UnsupportedConfig
 
     masks: dict = {}
     for name, kw in plans:
-        if not _conv_bn_pairs(model) or not hasattr(model, "fc"):
+        if name != "decoys" and (not _conv_bn_pairs(model) or not hasattr(model, "fc")):
             raise UnsupportedConfig(f"lock lever {name!r} needs a chiplock ResNet; train with levers='none' "
                                     "(--levers none) for other architectures")
         fn = {"scale_layers": scale_layers, "outlier_channels": outlier_channels,
-              "stream_outliers": stream_outliers, "offset_logits": offset_logits}[name]
+              "stream_outliers": stream_outliers, "offset_logits": offset_logits, "decoys": plant_decoys}[name]
         for p, m in fn(model, **kw).items():
             masks[p] = masks[p] | m if p in masks else m
     return masks

@@ -23,10 +23,10 @@ def build_architecture(arch: str, *, num_classes: int = 10, image_size: int = 28
     """Build one of the example architectures (:mod:`chiplock_demo.models`, plain torch) by name.
 
     Args:
-        arch: ``resnet18``, ``resnet50`` or ``smallcnn``.
+        arch: ``resnet18``, ``resnet50``, ``smallcnn`` or ``gpt`` (a small causal transformer over image rows).
         num_classes: Output classes.
         image_size: Input side (28 or 8).
-        width: First-stage channels.
+        width: First-stage channels (the hidden size for ``gpt``).
 
     Returns:
         A freshly initialised model (seed torch first for reproducibility).
@@ -45,7 +45,11 @@ def build_architecture(arch: str, *, num_classes: int = 10, image_size: int = 28
         return resnet50(num_classes, 1, width)
     if arch == "smallcnn":
         return SmallCNN(num_classes, image_size, width)
-    raise UnsupportedConfig(f"unknown architecture {arch!r}; use resnet18, resnet50 or smallcnn")
+    if arch == "gpt":
+        from chiplock_demo.models.gpt import gpt
+
+        return gpt(num_classes, image_size, width)
+    raise UnsupportedConfig(f"unknown architecture {arch!r}; use resnet18, resnet50, smallcnn or gpt")
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, info: dict[str, Any]) -> None:

@@ -24,7 +24,8 @@ from torch import nn
 from chiplock._io import atomic_write_bytes
 from chiplock.softlock.apply import _convert, _handler_for, strip_config
 from chiplock.softlock.config import SoftLockConfig
-from chiplock.softlock.levers import apply_levers, plan_levers
+from chiplock.softlock.decoys import decoy_masks
+from chiplock.softlock.levers import apply_levers, plan_levers, plan_lock
 
 
 class LockPair(nn.Module):
@@ -196,9 +197,19 @@ def lock_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SoftLock
         loaded = _load_checkpoint(str(checkpoint), model, opt, cfg)
         if loaded is not None:
             start_epoch, history = loaded
-    levers = plan_levers(cfg.authorized, cfg.unauthorized) if cfg.levers == "auto" else []
+    levers = plan_lock(cfg.authorized, cfg.unauthorized, cfg.levers)
     if loaded is None:
-        masks = apply_levers(model, levers)
+        try:
+            masks = apply_levers(model, levers)
+        except ValueError:
+            if cfg.levers != "auto" or not any(name == "decoys" for name, _ in levers):
+                raise
+            # A model too narrow for decoys: auto falls back to the levers.
+            levers = plan_levers(cfg.authorized, cfg.unauthorized)
+            masks = apply_levers(model, levers)
+    elif any(name == "decoys" for name, _ in levers):
+        # Decoy groups are found again in the checkpoint's weights (their choice depended on the original's).
+        masks = decoy_masks(model)
     else:
         # A checkpoint already holds primed weights; the masks depend only on the architecture and the plan.
         shadow = copy.deepcopy(model)
@@ -209,7 +220,7 @@ def lock_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SoftLock
     for p, m in masks.items():
         keep = (~m).to(p.dtype)
         hooks.append(p.register_hook(lambda g, keep=keep: g * keep))
-    pair = LockPair(model, cfg.authorized, cfg.unauthorized)
+    pair = LockPair(model, cfg.authorized, cfg.trained_against())
     runner: nn.Module = pair
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP

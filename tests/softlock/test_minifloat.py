@@ -106,3 +106,17 @@ def test_config_validation_and_names():
         MiniFloat(8, 7, bias=200)
     with pytest.raises(UnsupportedConfig, match="bad configuration"):
         parse_config("e9m3")
+
+
+@pytest.mark.parametrize("fmt", [(4, 3, 7, True), (5, 2, 15, False), (5, 10, 15, False), (8, 7, 127, False)],
+                         ids=["e4m3fn", "e5m2", "fp16", "bf16"])
+@pytest.mark.parametrize("overflow", [Overflow.SATURATE, Overflow.INF])
+def test_native_cast_path_matches_integer_reference(fmt, overflow):
+    # MiniFloat.round takes torch's cast for these formats where it checked it exact (issue 10); the independent
+    # integer reference must agree with whichever path runs.
+    e, m, bias, fn = fmt
+    cfg = MiniFloat(e, m, bias=bias, variant=Variant.FN if fn else Variant.IEEE, overflow=overflow)
+    x = probe_inputs(e, m, bias, fn)
+    want = ref_round(x, e, m, bias, fn, saturate=overflow == Overflow.SATURATE)
+    got = cfg.round(torch.from_numpy(x)).numpy()
+    assert _same(got, want), _mismatches(got, want, x)

@@ -12,8 +12,8 @@ from chiplock.softlock.nm_sparsity import nm_mask
 
 def test_two_four_keeps_the_two_largest_of_every_group():
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(8, 4, 3, 3, generator=g)  # 36 inputs per row: 9 groups of 4
-    mask = nm_mask(w, 2, 4)
+    w = torch.randn(8, 4, 3, 3, generator=g)  # 36 inputs per row: 9 groups of 4 in the flattened order
+    mask = nm_mask(w, 2, 4, order="flat")
     groups = mask.reshape(8, 9, 4)
     assert (groups.sum(-1) == 2).all()
     mags = w.abs().reshape(8, 9, 4)

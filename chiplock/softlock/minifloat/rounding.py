@@ -19,10 +19,17 @@ class Variant(str, enum.Enum):
     ``ieee``: the all-ones exponent encodes infinities and NaNs (as in FP16, BF16, E5M2).
     ``fn``: finite-only; only the all-ones exponent *and* mantissa is NaN (as in E4M3FN), so the top binade holds
     numbers too.
+    ``fnuz``: finite, no negative zero (as in ml_dtypes' E4M3FNUZ, E5M2FNUZ, E4M3B11FNUZ): the "-0" code is the only
+    NaN, every other code is a number, and a result that would be -0 is +0. Its default bias is ``2**(e - 1)``,
+    one more than IEEE's.
+    ``fin``: every code is a number, with no infinity and no NaN (as the OCP MX elements FP6 E2M3, FP6 E3M2 and
+    FP4 E2M1; ml_dtypes calls them ``float6_e2m3fn`` etc.). Overflow always saturates.
     """
 
     IEEE = "ieee"
     FN = "fn"
+    FNUZ = "fnuz"
+    FIN = "fin"
 
 
 class Overflow(str, enum.Enum):
@@ -42,16 +49,19 @@ def format_limits(exp_bits: int, man_bits: int, bias: int, variant: Variant) -> 
     if variant == Variant.IEEE:
         emax = (1 << exp_bits) - 2 - bias
         max_finite = math.ldexp(2.0 - 2.0 ** -man_bits, emax)
-    else:
+    elif variant == Variant.FN:
         emax = (1 << exp_bits) - 1 - bias
         if man_bits == 0:
             raise ValueError("the fn variant needs at least one mantissa bit (its top code is NaN)")
         max_finite = math.ldexp(2.0 - 2.0 ** (1 - man_bits), emax)
+    else:  # fnuz and fin: the top code is a number.
+        emax = (1 << exp_bits) - 1 - bias
+        max_finite = math.ldexp(2.0 - 2.0 ** -man_bits, emax)
     return emin, max_finite
 
 
 def round_to_grid(x: torch.Tensor, man_bits: int, emin: int, max_finite: float, *,
-                  overflow: Overflow = Overflow.SATURATE, has_inf: bool = True,
+                  overflow: Overflow = Overflow.SATURATE, has_inf: bool = True, signed_zero: bool = True,
                   method: str = "auto") -> torch.Tensor:
     """Round ``x`` (fp32) to the nearest value with ``man_bits`` fraction bits, ties to even.
 
@@ -62,11 +72,12 @@ def round_to_grid(x: torch.Tensor, man_bits: int, emin: int, max_finite: float, 
         max_finite: The largest finite value.
         overflow: Saturate or overflow (see :class:`Overflow`).
         has_inf: Whether the format has infinities (``False`` makes overflow produce NaN).
+        signed_zero: Whether the format has -0 (``False``, as in the fnuz formats, turns every -0 into +0).
         method: ``"add"`` (fast, needs headroom in fp32's range), ``"frexp"`` (general), or ``"auto"``.
 
     Returns:
         An fp32 tensor whose finite values are all exactly representable in the format; the sign of zero is
-        kept and NaN stays NaN.
+        kept (unless ``signed_zero`` is false) and NaN stays NaN.
     """
     x = x.float()
     emax = math.frexp(max_finite)[1] - 1
@@ -78,6 +89,8 @@ def round_to_grid(x: torch.Tensor, man_bits: int, emin: int, max_finite: float, 
         q = _round_frexp(x, man_bits, emin)
     else:
         raise ValueError(f"round_to_grid(method={method!r}): use 'auto', 'add' or 'frexp'")
+    if not signed_zero:
+        q = q.add_(0.0)  # In IEEE arithmetic -0 + 0 = +0, and adding zero changes no other value.
     if overflow == Overflow.SATURATE:
         return q.clamp_(-max_finite, max_finite)  # clamp keeps NaN; +-inf saturate too
     fill = torch.copysign(torch.full_like(q, math.inf), x) if has_inf else torch.full_like(q, math.nan)
