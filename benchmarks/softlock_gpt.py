@@ -2,9 +2,11 @@
 
 A causal Llama-style decoder (random configuration, :mod:`chiplock_demo.models.gpt`) reads each MNIST image as 28
 rows of 28 pixels and classifies from the last row. It is pretrained on MNIST-5000, lock-trained with
-:func:`chiplock.softlock.train.lock_train` (authorized FP16, unauthorized Int8, no levers: the planted levers are
-written for convolution/BatchNorm networks), evaluated on each configuration, and attacked with every deployment
-recipe of :mod:`chiplock.softlock.deploy` against Int8 and, optionally, with the retraining attack.
+:func:`chiplock.softlock.train.lock_train` (authorized FP16, unauthorized Int8) in three variants: ``decoys``
+(decoy cancellation in the gated MLPs and attention value/output pairs, the default lock), ``plain`` (L_lock
+alone) and ``outliers`` (function-preserving outlier channels), evaluated on each configuration, and attacked
+with every deployment recipe of :mod:`chiplock.softlock.deploy` that fits a transformer (including the
+transformer rewrite ``transformer-equalise``) against Int8 and, optionally, with the retraining attack.
 
 Writes ``<out>/softlock_gpt.json`` and ``<out>/softlock_gpt.md`` (and caches the pretrained original). Not
 collected by pytest. Example (a few minutes on one core of a 2-core CPU):
@@ -94,48 +96,14 @@ def plant_outliers(model, log2_k: int = 10):
     return model
 
 
-@torch.no_grad()
-def equalise_gpt(model):
-    """The transformer deployer's standard pre-quantisation rewrite, training-free and data-free.
-
-    RMSNorm gains are folded into the linear layers they feed (as QuaRot/SpinQuant do before quantising, and as
-    SmoothQuant's migration does with data), and each value->output pair (``v_proj``/``o_proj``,
-    ``up_proj``/``down_proj``) is equalised per channel by ``s = sqrt(r1 / r2)`` (cross-layer equalisation).
-    """
-    def fold(norm, linears):
-        for lin in linears:
-            lin.weight.mul_(norm.weight[None, :])
-        norm.weight.fill_(1.0)
-
-    def cle(first, second):
-        r1 = first.weight.abs().amax(1)
-        r2 = second.weight.abs().amax(0)
-        s = torch.sqrt(r1 / r2.clamp(min=1e-12)).clamp(min=1e-12)
-        first.weight.div_(s[:, None])
-        second.weight.mul_(s[None, :])
-
-    for layer in model.body.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        fold(layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj))
-        fold(layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
-        cle(attn.v_proj, attn.o_proj)
-        cle(mlp.up_proj, mlp.down_proj)
-    fold(model.body.norm, (model.head,))
-    return model
-
-
 def _attack(locked, data, n_calib: int) -> dict:
     try:
-        from chiplock.softlock.deploy import STEPS, attack_table, recipes_for
+        from chiplock.softlock.deploy import attack_table, recipes_for
     except Exception as e:  # The deployment library is written concurrently; report rather than fail.
         return {"error": f"chiplock.softlock.deploy did not import: {e!r}"}
-    from chiplock.softlock.apply import apply_config
-    from chiplock_demo.training import accuracy
-
     rows, failed = [], []
-    # One recipe at a time, so that a step written for convolution networks that fails on a transformer is
-    # reported and the others still run.
-    for chain in recipes_for("int8"):
+    # One recipe at a time, so that a step that fails on a transformer is reported and the others still run.
+    for chain in recipes_for("int8", model=locked):
         try:
             table = attack_table(locked, "int8", data.x_train[:n_calib], data.x_test, data.y_test, recipes=[chain])
             rows += table.to_dict()["rows"]
@@ -144,23 +112,6 @@ def _attack(locked, data, n_calib: int) -> dict:
         except Exception as e:
             failed.append({"recipe": " + ".join(chain), "error": f"{type(e).__name__}: {e}"})
             print(f"  attack {' + '.join(chain)} failed: {e!r}", flush=True)
-    # The transformer's own standard rewrite (norm-gain folding and cross-layer equalisation), alone and
-    # followed by GPTQ when the library has it.
-    t0 = time.perf_counter()
-    eq = equalise_gpt(copy.deepcopy(locked))
-    sec = time.perf_counter() - t0
-    rows.append({"recipe": "equalise-gpt (fold norm gains + CLE)", "config": "int8", "standard": True,
-                 "accuracy": accuracy(apply_config(eq, "int8"), data.x_test, data.y_test), "seconds": sec})
-    if "gptq" in STEPS:
-        from chiplock.softlock.deploy import Calibration, run_recipe
-
-        t0 = time.perf_counter()
-        dep, cfg = run_recipe(eq, "int8", ("gptq",), Calibration(data.x_train[:n_calib]))
-        rows.append({"recipe": "equalise-gpt + gptq", "config": cfg.name, "standard": True, "seconds": sec +
-                     time.perf_counter() - t0, "accuracy": accuracy(apply_config(dep, cfg), data.x_test,
-                                                                    data.y_test)})
-    for r in rows[-2:]:
-        print(f"  attack {r['recipe']}: {r['accuracy']:.3f} ({r['seconds']:.1f} s)", flush=True)
     std = [r for r in rows if r["standard"]]
     best = max(std, key=lambda r: r["accuracy"])
     best_any = max(rows, key=lambda r: r["accuracy"])
@@ -250,8 +201,8 @@ def _notes(res: dict) -> list[str]:
                    "at lr 1e-3 the same happens, see run-lock-lr1e-3.log: 0.459 / 0.461).")
     if "outliers" in v:
         att = v["outliers"]["attack"]
-        lib = [r for r in att.get("rows", []) if r["standard"] and not r["recipe"].startswith("equalise-gpt")]
-        eq = [r for r in att.get("rows", []) if r["recipe"].startswith("equalise-gpt")]
+        lib = [r for r in att.get("rows", []) if r["standard"] and "transformer-equalise" not in r["recipe"]]
+        eq = [r for r in att.get("rows", []) if "transformer-equalise" in r["recipe"] and r["standard"]]
         if lib and eq:
             out.append(f"- `outliers`: the planted channels hold against every recipe of chiplock.softlock.deploy "
                        f"(best {max(r['accuracy'] for r in lib):.3f}; those recipes target conv/BatchNorm "
@@ -273,6 +224,8 @@ def _notes(res: dict) -> list[str]:
 
 
 VARIANTS = {
+    "decoys": ("decoy cancellation (chiplock.softlock.decoys) in the gated MLPs and the attention value/output "
+               "pairs, then lock training with the decoys frozen", "decoys"),
     "plain": ("L_lock alone (levers none): the paper's loss with a straight-through estimator", None),
     "outliers": ("function-preserving outlier channels (x2^10) at every linear input but the embedding, then "
                  "L_lock", plant_outliers),
@@ -282,14 +235,17 @@ VARIANTS = {
 def _run_variant(name: str, out: Path, orig_path: Path, arch: dict, data, before: dict, args) -> dict:
     description, plant = VARIANTS[name]
     locked, _ = load_model(orig_path)
-    if plant is not None:
+    levers = "none"
+    if plant == "decoys":
+        levers, plant = "decoys", None  # planted by lock_train, which freezes them
+    elif plant is not None:
         plant(locked)
     # Adam moves every weight by about lr whatever its size, so it wrecks the planted 2**-10 columns within an
     # epoch at lr 1e-3 (fp16 accuracy fell from 0.944 to 0.284 in 3 epochs): the planted variant is not
     # lock-trained further by default.
     epochs, lr = (args.epochs, args.lr) if plant is None else (args.planted_epochs, args.planted_lr)
     cfg = SoftLockConfig(authorized="fp16", unauthorized=("int8",), lam=args.lam, epochs=epochs, lr=lr,
-                         levers="none", seed=args.seed)
+                         levers=levers, seed=args.seed)
     print(f"[{name}] planted:", evaluate_configs(locked, data.x_test, data.y_test, ["fp32", "fp16", "int8"]),
           flush=True)
     lock = lock_train(locked, data.x_train, data.y_train, cfg,
@@ -318,7 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--pretrain-epochs", type=int, default=20)
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
-    p.add_argument("--variants", default="plain,outliers", help=f"comma-separated, from {sorted(VARIANTS)}")
+    p.add_argument("--variants", default="decoys,plain,outliers", help=f"comma-separated, from {sorted(VARIANTS)}")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -327,7 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--retrain", default="0.01,0.1,1.0", help="data fractions for the retraining attack ('' skips)")
-    p.add_argument("--retrain-variants", default="outliers")
+    p.add_argument("--retrain-variants", default="decoys,outliers")
     p.add_argument("--retrain-epochs", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = p.parse_args(argv)

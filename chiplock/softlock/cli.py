@@ -193,7 +193,7 @@ def attack(
     data = load_dataset(info["data"])
     results = []
     for target in targets:
-        recipes = recipes_for(target, standard_only=standard_only)
+        recipes = recipes_for(target, standard_only=standard_only, model=model)
         with Progress(console=console, transient=True, disable=as_json) as bar:
             task = bar.add_task(f"attacking {target.name}", total=len(recipes))
             table = attack_table(model, target, data.x_train[:calib], data.x_test, data.y_test, recipes=recipes,

@@ -117,9 +117,11 @@ def plant_decoys(model: nn.Module, *, copies: int = 3, groups: int = 1, log2_m: 
             MLPs (``gate_proj``/``up_proj``/``down_proj``, as Llama).
         copies: Channels per decoy group (at least 3: two copies cancel exactly in every symmetric format).
         groups: Decoy groups per block.
-        log2_m: Decoy magnitude, in powers of two above the layer's RMS weight (default 12 in ``float`` mode, a
-            transformer's residual stream needs it; 8 for ``nm`` and ``tiny``, whose shrunken copy must stay the
-            layer's smallest weight).
+        log2_m: Decoy magnitude, in powers of two above the layer's RMS weight. Default 16 in ``float`` mode:
+            at 2**12 GPTQ's error feedback and cross-layer equalisation recovered part of the accuracy (measured
+            in docs/softlock.md); 8 for ``nm`` and ``tiny``, whose shrunken copy must stay the layer's smallest
+            weight. The products reach ``2**16`` times a normal product: the authorized side must accumulate
+            in fp32 (as tensor cores do), not in fp16.
         grid_bits: Fraction bits of the decoys' significands (6 keeps them and their sum exact in FP16 and BF16;
             E4M3 keeps 3).
         mode: ``float`` (authorized format has many significant bits: FP32, FP16, BF16), ``int8`` (decoys are
@@ -147,7 +149,7 @@ def plant_decoys(model: nn.Module, *, copies: int = 3, groups: int = 1, log2_m: 
     elif copies < 3:
         raise ValueError(f"plant_decoys(copies={copies}): use at least 3 (two copies cancel in any format)")
     if log2_m is None:
-        log2_m = 12 if mode == "float" else 8
+        log2_m = 16 if mode == "float" else 8
     sites = _sites(model)
     if not sites:
         raise ValueError("plant_decoys needs a chiplock ResNet (residual blocks with conv1/bn1/conv2) or a "

@@ -58,6 +58,7 @@ class Step:
     applies: Callable[[Any], bool]
     standard: bool = True
     doc: str = ""
+    fits: Optional[Callable[[nn.Module], bool]] = None  # architecture check (None: any model)
 
 
 STEPS: Registry[Step] = Registry("deployment step")
@@ -66,8 +67,10 @@ RECIPES: list[tuple[str, ...]] = []
 
 
 def register_step(name: str, fn: StepFn, applies: Callable[[Any], bool], *, standard: bool = True,
-                  doc: str = "") -> Step:
-    step = Step(name, fn, applies, standard, doc)
+                  doc: str = "", fits: Optional[Callable[[nn.Module], bool]] = None) -> Step:
+    """Register a deployment step; ``fits(model)`` (optional) says whether the step has anything to act on in
+    a given architecture, so recipes built for another architecture are not run as duplicate rows."""
+    step = Step(name, fn, applies, standard, doc, fits)
     STEPS.register(name, step)
     return step
 
@@ -83,14 +86,19 @@ def family(cfg: Any) -> str:
     return getattr(cfg, "family", "compose")
 
 
-def recipes_for(target: Any, *, standard_only: bool = False) -> list[tuple[str, ...]]:
-    """Every registered recipe whose steps all apply to ``target`` (plus the naive cast, ``()``, first)."""
+def recipes_for(target: Any, *, standard_only: bool = False,
+                model: Optional[nn.Module] = None) -> list[tuple[str, ...]]:
+    """Every registered recipe whose steps all apply to ``target`` (plus the naive cast, ``()``, first) and, when
+    ``model`` is given, fit its architecture."""
     target = parse_config(target)
     out: list[tuple[str, ...]] = [()]
     for chain in RECIPES:
         steps = [STEPS.get(s) for s in chain]
-        if all(s.applies(target) for s in steps) and (not standard_only or all(s.standard for s in steps)):
-            out.append(chain)
+        if not all(s.applies(target) for s in steps) or (standard_only and not all(s.standard for s in steps)):
+            continue
+        if model is not None and not all(s.fits is None or s.fits(model) for s in steps):
+            continue
+        out.append(chain)
     return out
 
 
@@ -156,7 +164,9 @@ def attack_table(model: nn.Module, target: Any, calib_x: torch.Tensor, x_test: t
     target = parse_config(target)
     calib = Calibration(calib_x)
     table = AttackTable(target.name)
-    for chain in (recipes if recipes is not None else recipes_for(target, standard_only=standard_only)):
+    if recipes is None:
+        recipes = recipes_for(target, standard_only=standard_only, model=model)
+    for chain in recipes:
         t0 = time.perf_counter()
         deployed, cfg = run_recipe(model, target, chain, calib)
         seconds = time.perf_counter() - t0

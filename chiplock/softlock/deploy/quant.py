@@ -118,8 +118,11 @@ def _capture(model: nn.Module, layers: list[nn.Module], calib: Calibration, fn: 
             h.remove()
 
 
-def _chan_view(t: torch.Tensor) -> torch.Tensor:
-    """``(C, rest)``: the channels of an NCHW or (N, C) tensor as rows."""
+def _chan_view(t: torch.Tensor, mod: Optional[nn.Module] = None) -> torch.Tensor:
+    """``(C, rest)``: the channels of an NCHW or (N, C) tensor as rows; a linear layer's output has its
+    channels last (``(batch, tokens, features)`` in a transformer)."""
+    if isinstance(mod, nn.Linear):
+        return t.reshape(-1, t.shape[-1]).transpose(0, 1)
     return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
@@ -378,16 +381,18 @@ def bias_correction(model: nn.Module, cfg: Any, calib: Calibration) -> tuple[nn.
     count: list = [0] * len(layers)
 
     def acc(i, mod, t):
-        v = _chan_view(t)
+        v = _chan_view(t, mod)
         ref[i] = ref[i] + v.double().sum(1)
         count[i] += v.shape[1]
     _capture(model, layers, calib, acc, inputs=False)
 
     def correct(i, mod, out):
-        delta = (ref[i] / max(count[i], 1) - _chan_view(out).double().mean(1)).float()
+        delta = (ref[i] / max(count[i], 1) - _chan_view(out, mod).double().mean(1)).float()
         if not torch.isfinite(delta).all():
             return out
         _ensure_bias(mod).add_(delta)
+        if isinstance(mod, nn.Linear):
+            return out + delta
         return out + delta.reshape(1, -1, *([1] * (out.dim() - 2)))
     hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: correct(i, mod, out))
              for i, layer in enumerate(layers)]
@@ -410,7 +415,7 @@ def _input_stats(model: nn.Module, calib: Calibration, *, gram: bool = False) ->
     stats: list[dict] = [{} for _ in layers]
 
     def fn(i, mod, t):
-        v = _chan_view(t)
+        v = _chan_view(t, mod)
         s = stats[i]
         mn, mx, sm = v.amin(1), v.amax(1), v.double().sum(1)
         if not s:
@@ -645,6 +650,11 @@ def _always(cfg: Any) -> bool:
     return True
 
 
+def _has_bn(model: nn.Module) -> bool:
+    """The BatchNorm/conv tools have nothing to act on in a model without BatchNorm."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def _gptq_applies(cfg: Any) -> bool:
     return (isinstance(cfg, Int8) and cfg.symmetric) or isinstance(cfg, MiniFloat) or (
         isinstance(cfg, Scaled) and cfg.weights == "channel")
@@ -658,16 +668,17 @@ register_step("mx-block", _amax("block", activations="block", block=32, scale="e
               doc="OCP microscaling: 32-blocks with power-of-two (e8m0) scales")
 register_step("int8-mse-clip", int8_mse_clip, lambda c: isinstance(c, Int8) and c.symmetric,
               doc="per-channel weight clipping at the MSE-optimal range")
-register_step("fold-bn", _model_only(fold_bn), _always, doc="fold BatchNorm into the preceding conv")
+register_step("fold-bn", _model_only(fold_bn), _always, fits=_has_bn, doc="fold BatchNorm into the preceding conv")
 register_step("bn-reestimate", bn_reestimate, _always,
-              doc="re-estimate BatchNorm statistics on the deployed configuration")
+              fits=_has_bn, doc="re-estimate BatchNorm statistics on the deployed configuration")
 register_step("rebalance-pow2", _model_only(rebalance_pow2), lambda c: getattr(c, "family", None) == "float",
-              doc="power-of-two rescale of each conv/BN pair so max|w| is in [0.5, 1)")
-register_step("cle", _cle(False), _is_fmt, doc="fold BN, cross-layer equalisation inside residual blocks")
-register_step("cle-stream", _cle(True), _is_fmt,
+              fits=_has_bn, doc="power-of-two rescale of each conv/BN pair so max|w| is in [0.5, 1)")
+register_step("cle", _cle(False), _is_fmt, fits=_has_bn,
+              doc="fold BN, cross-layer equalisation inside residual blocks")
+register_step("cle-stream", _cle(True), _is_fmt, fits=_has_bn,
               doc="fold BN, cross-layer equalisation inside blocks and across the residual stream and classifier")
 register_step("high-bias-absorb", _with_calib(high_bias_absorb), _is_fmt,
-              doc="fold BN, absorb always-positive ReLU offsets into the next layer's bias (DFQ)")
+              fits=_has_bn, doc="fold BN, absorb always-positive ReLU offsets into the next layer's bias (DFQ)")
 register_step("bias-correction", bias_correction, _always,
               doc="empirical per-channel bias correction on the deployed configuration")
 register_step("const-fold", _with_calib(const_fold), _always,
@@ -675,6 +686,55 @@ register_step("const-fold", _with_calib(const_fold), _always,
 register_step("gptq", gptq, _gptq_applies, doc="GPTQ weight rounding onto the per-channel grid")
 register_step("dedupe", _with_calib(dedupe), _always, standard=False,
               doc="merge input channels that are positive multiples of each other (decoy copies)")
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Pre-norm decoder layers laid out as Llama's (``input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
+    ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``)."""
+    return [m for m in model.modules() if all(hasattr(m, a) for a in
+                                               ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"))]
+
+
+@torch.no_grad()
+def transformer_equalise(model: nn.Module) -> nn.Module:
+    """The transformer deployer's standard pre-quantisation rewrite, data-free and exact.
+
+    Each RMSNorm gain is folded into the linear layers it feeds (as QuaRot/SpinQuant do before quantising, and
+    SmoothQuant's migration does with data), and each value->output pair (``v_proj``/``o_proj`` when heads are
+    not grouped, ``up_proj``/``down_proj``) is equalised per channel by ``s = sqrt(r1 / r2)`` (cross-layer
+    equalisation: attention is linear in V within a head, and the gated product is linear in ``up``). A final
+    norm feeding a ``head`` linear layer (``model.body.norm``, as :mod:`chiplock_demo.models.gpt`) is folded too.
+    """
+    def fold(norm, linears):
+        for lin in linears:
+            lin.weight.mul_(norm.weight[None, :])
+        norm.weight.fill_(1.0)
+
+    def cle(first, second):
+        r1 = first.weight.abs().amax(1)
+        r2 = second.weight.abs().amax(0)
+        s = torch.sqrt(r1 / r2.clamp(min=1e-12)).clamp(min=1e-12)
+        first.weight.div_(s[:, None])
+        if first.bias is not None:
+            first.bias.div_(s)
+        second.weight.mul_(s[None, :])
+
+    for layer in _decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        fold(layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj))
+        fold(layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
+        if attn.v_proj.out_features == attn.o_proj.in_features:
+            cle(attn.v_proj, attn.o_proj)
+        cle(mlp.up_proj, mlp.down_proj)
+    norm, head = getattr(getattr(model, "body", None), "norm", None), getattr(model, "head", None)
+    if isinstance(head, nn.Linear) and getattr(norm, "weight", None) is not None:
+        fold(norm, (head,))
+    return model
+
+
+register_step("transformer-equalise", _model_only(transformer_equalise), _is_fmt,
+              fits=lambda m: bool(_decoder_layers(m)),
+              doc="fold RMSNorm gains into the next linears, equalise v/o and up/down per channel")
 
 _RECIPES = [
     # Float element formats: scales, then the data-free / calibration tools on top.
@@ -692,6 +752,10 @@ _RECIPES = [
     ("const-fold", "high-bias-absorb", "cle-stream", "int8-mse-clip", "bias-correction"),
     ("high-bias-absorb", "cle-stream", "bias-correction"), ("const-fold", "high-bias-absorb", "cle-stream"),
     ("const-fold", "high-bias-absorb", "cle-stream", "gptq"),
+    # Transformers (the step fits only Llama-style decoder layers).
+    ("transformer-equalise",), ("transformer-equalise", "amax-channel"), ("transformer-equalise", "gptq"),
+    ("transformer-equalise", "bias-correction"), ("transformer-equalise", "int8-mse-clip", "bias-correction"),
+    ("dedupe", "transformer-equalise", "bias-correction"),
     # Bespoke: undo decoy copies first.
     ("dedupe", "amax-channel"), ("dedupe", "amax-channel", "bn-reestimate"),
     ("dedupe", "fold-bn", "cle", "amax-channel", "bias-correction"),
@@ -702,4 +766,4 @@ for _chain in _RECIPES:
     register_recipe(*_chain)
 
 __all__ = ["bias_correction", "bn_reestimate", "const_fold", "dedupe", "equalize", "fold_bn", "gptq", "gptq_layer",
-           "high_bias_absorb", "int8_mse_clip", "rebalance_pow2"]
+           "high_bias_absorb", "int8_mse_clip", "rebalance_pow2", "transformer_equalise"]
