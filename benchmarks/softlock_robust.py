@@ -27,7 +27,7 @@ import torch
 
 from chiplock.softlock import parse_config
 from chiplock.softlock.config import SoftLockConfig
-from chiplock.softlock.deploy import attack_table
+from chiplock.softlock.deploy import attack_table, recipes_for
 from chiplock.softlock.model_io import build_architecture, load_model, save_model
 from chiplock.softlock.retrain import retrain_attack
 from chiplock.softlock.train import evaluate_configs, lock_train
@@ -36,6 +36,17 @@ from chiplock_demo.training import accuracy, train_classifier
 
 PAIRS = [("fp32", "e4m3fn", "FP32 -> E4M3FN"), ("fp16", "int8", "FP16 -> Int8"), ("int8", "e4m3fn", "Int8 -> E4M3FN"),
          ("fp32", "prune0.5", "dense -> prune 0.5"), ("fp32", "2:4", "dense -> 2:4")]
+
+
+#: ``--short-attacks``: the recipes that came closest in the width-16 tables (plus the bespoke dedupe).
+SHORT = {(), ("amax-channel",), ("mx-block",), ("amax-channel", "bn-reestimate"), ("gptq", "bn-reestimate"),
+         ("gptq-lowdamp", "bn-reestimate"), ("fold-bn", "cle", "amax-channel", "bias-correction"),
+         ("cle-stream", "bias-correction"), ("int8-mse-clip", "bn-reestimate"), ("bn-reestimate",),
+         ("const-fold", "high-bias-absorb", "cle-stream", "int8-mse-clip", "bias-correction"),
+         ("wanda", "bn-reestimate"), ("sparsegpt", "bn-reestimate"), ("sparsegpt-lowdamp", "bn-reestimate"),
+         ("magnitude", "bn-reestimate"), ("const-fold", "sparsegpt", "bn-reestimate"),
+         ("dedupe", "amax-channel", "bn-reestimate"), ("dedupe", "cle-stream", "bias-correction"),
+         ("dedupe", "const-fold", "sparsegpt", "bn-reestimate")}
 
 
 def _machine() -> str:
@@ -59,7 +70,7 @@ def original_model(out: Path, width: int, epochs: int, data, seed: int = 0):
     return model, seconds
 
 
-def run_pair(original, data, auth: str, unauth: str, label: str, args) -> dict:
+def run_pair(original, data, auth: str, unauth: str, label: str, args, index: int = 0) -> dict:
     calib = data.x_train[:256]
     cfg = SoftLockConfig(authorized=auth, unauthorized=(unauth,), epochs=args.epochs, lr=args.lr,
                          levers=args.mechanism, seed=args.seed)
@@ -67,13 +78,19 @@ def run_pair(original, data, auth: str, unauth: str, label: str, args) -> dict:
     model = copy.deepcopy(original)
     res = lock_train(model, data.x_train, data.y_train, cfg)
     a, u = parse_config(auth).name, parse_config(unauth).name
+    save_model(model, Path(args.out) / f"locked_{index}.safetensors",
+               {"arch": {"name": "resnet18", "num_classes": 10, "image_size": 28, "width": args.width},
+                "data": "mnist5000", "lock": json.loads(cfg.to_json())})
     after = evaluate_configs(model, data.x_test, data.y_test, [auth, unauth])
     print(f"[{label}] locked in {res.seconds:.0f}s: {a} {after[a]:.3f}, naive {u} {after[u]:.3f}", flush=True)
     row = {"label": label, "authorized": a, "unauthorized": u, "mechanism": res.levers,
            "lock_seconds": res.seconds, "orig_authorized": before[a], "orig_unauthorized_naive": before[u],
            "locked_authorized": after[a], "locked_unauthorized_naive": after[u]}
     t = time.perf_counter()
-    table = attack_table(model, unauth, calib, data.x_test, data.y_test,
+    recipes = None
+    if args.short_attacks:  # the strongest recipes of the width-16 tables, for wide models
+        recipes = [c for c in recipes_for(unauth, model=model) if c in SHORT]
+    table = attack_table(model, unauth, calib, data.x_test, data.y_test, recipes=recipes,
                          on_row=lambda r: print(f"    {r.recipe:45s} {r.config:24s} {r.accuracy:.3f} "
                                                 f"({r.seconds:.1f}s){'' if r.standard else '  [bespoke]'}",
                                                 flush=True))
@@ -91,22 +108,51 @@ def run_pair(original, data, auth: str, unauth: str, label: str, args) -> dict:
     row["delta_lock_any"] = after[a] - best_any.accuracy
     row["meets_target"] = row["delta_orig"] <= 0.02 and row["delta_lock"] >= 0.7
     if args.retrain:
-        fr = tuple(float(f) for f in args.retrain.split(","))
-        rr = retrain_attack(model, unauth, data.x_train, data.y_train, data.x_test, data.y_test, fractions=fr,
-                            epochs=args.retrain_epochs, seed=args.seed, pre_steps=best.chain, authorized=auth,
-                            calib_x=calib,
-                            on_row=lambda r: print(f"    retrain {r.fraction:.2f}: unauth "
-                                                   f"{r.unauthorized_accuracy:.3f} vs scratch "
-                                                   f"{r.scratch_accuracy:.3f} (auth {r.authorized_accuracy:.3f})",
-                                                   flush=True))
-        row["retrain"] = rr.to_dict()
+        row["retrain"] = run_retrain(model, data, auth, unauth, best.chain, args)
     print(f"[{label}] d_orig {row['delta_orig']:+.3f}  d_lock naive {row['delta_lock_naive']:.3f}  "
           f"best standard {row['delta_lock']:.3f} ({best.recipe})  any {row['delta_lock_any']:.3f} "
           f"({best_any.recipe})", flush=True)
     return row
 
 
+def run_retrain(model, data, auth: str, unauth: str, chain, args) -> dict:
+    fr = tuple(float(f) for f in args.retrain.split(","))
+    rr = retrain_attack(model, unauth, data.x_train, data.y_train, data.x_test, data.y_test, fractions=fr,
+                        epochs=args.retrain_epochs, seed=args.seed, pre_steps=tuple(chain), authorized=auth,
+                        calib_x=data.x_train[:256],
+                        on_row=lambda r: print(f"    retrain {r.fraction:.2f}: unauth {r.unauthorized_accuracy:.3f} "
+                                               f"vs scratch {r.scratch_accuracy:.3f} (auth "
+                                               f"{r.authorized_accuracy:.3f})", flush=True))
+    return rr.to_dict()
+
+
+def retrain_saved(data, args, out: Path, only: set) -> None:
+    """The retraining attack on locks saved by an earlier (or concurrent) run: waits for each pair's locked file
+    and attack row, then writes ``softlock_retrain.json`` (merged into the Markdown)."""
+    path = out / "softlock_retrain.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    for i, (auth, unauth, label) in enumerate(PAIRS):
+        if (only and i not in only) or label in done:
+            continue
+        rows_path = out / "softlock_robust.json"
+        while True:
+            rows = json.loads(rows_path.read_text())["rows"] if rows_path.exists() else {}
+            if label in rows and (out / f"locked_{i}.safetensors").exists():
+                break
+            time.sleep(20)
+        model = load_model(out / f"locked_{i}.safetensors")[0]
+        chain = rows[label]["best_standard"]["chain"]
+        print(f"[{label}] retraining from {' + '.join(chain) or 'naive cast'}", flush=True)
+        done[label] = run_retrain(model, data, auth, unauth, chain, args)
+        path.write_text(json.dumps(done, indent=2))
+
+
 def write_markdown(results: dict, path: Path) -> None:
+    retrain_path = path.parent / "softlock_retrain.json"
+    if retrain_path.exists():
+        for label, rr in json.loads(retrain_path.read_text()).items():
+            if label in results["rows"]:
+                results["rows"][label].setdefault("retrain", rr)
     s = results["setup"]
     lines = ["# Soft locks vs the standard deployment pipeline (measured)", "",
              "Setup: " + ", ".join(f"{k}={v}" for k, v in s.items()), "",
@@ -173,7 +219,10 @@ def main(argv=None) -> int:
     p.add_argument("--retrain", default="0.01,0.1,1.0", help="data fractions for the retraining attack ('' skips)")
     p.add_argument("--retrain-epochs", type=int, default=10)
     p.add_argument("--original-attacks", action="store_true", help="also attack the unlocked original")
+    p.add_argument("--short-attacks", action="store_true", help="only the strongest recipes (wide models)")
     p.add_argument("--only", default="", help="comma-separated pair indices (0-4)")
+    p.add_argument("--retrain-saved", action="store_true",
+                   help="only run the retraining attack on the locked files of a (concurrent) run in --out")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -186,7 +235,14 @@ def main(argv=None) -> int:
         original, pre_s = load_model(args.original)[0], 0.0
     else:
         original, pre_s = original_model(out, args.width, args.pretrain_epochs, data, args.seed)
+    only = {int(i) for i in args.only.split(",") if i.strip()}
     results_path = out / "softlock_robust.json"
+    if args.retrain_saved:
+        retrain_saved(data, args, out, only)
+        if results_path.exists():
+            results = json.loads(results_path.read_text())
+            write_markdown(results, out / "softlock_robust.md")
+        return 0
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
     results["setup"] = {"model": f"ResNet-18 (width {args.width})", "data": "MNIST-5000 (4000 train / 1000 test)",
                         "original_accuracy": accuracy(original, data.x_test, data.y_test),
@@ -195,12 +251,11 @@ def main(argv=None) -> int:
                         "machine": _machine(), "date": time.strftime("%Y-%m-%d")}
     if pre_s:
         results["setup"]["pretrain_seconds"] = round(pre_s)
-    only = {int(i) for i in args.only.split(",") if i.strip()}
     t0 = time.perf_counter()
     for i, (auth, unauth, label) in enumerate(PAIRS):
         if only and i not in only:
             continue
-        results["rows"][label] = run_pair(original, data, auth, unauth, label, args)
+        results["rows"][label] = run_pair(original, data, auth, unauth, label, args, i)
         results_path.write_text(json.dumps(results, indent=2))
     results["setup"]["run_seconds"] = round(time.perf_counter() - t0)
     results_path.write_text(json.dumps(results, indent=2))

@@ -45,7 +45,8 @@ class SoftLockConfig:
             ``"none"`` (``L_lock`` alone).
         surrogates: Add, for each unauthorized fixed-range float format, its amax-scaled deployment
             (:class:`~chiplock.softlock.scaled.Scaled` per-channel) to the unauthorized term: the attacker in the
-            loop, since nobody deploys FP8 by casting.
+            loop, since nobody deploys FP8 by casting. Used with decoys; a legacy lever cannot separate the
+            scaled deployment, so lock training then warns (``WeakLockWarning``) and trains against the cast.
         seed: Seed for initialisation-independent randomness (batch order); runs are reproducible.
         version: Schema version.
 

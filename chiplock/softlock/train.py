@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -133,6 +134,10 @@ def _load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, cf
 
 # --------------------------------------------------------------------------- training
 
+class WeakLockWarning(UserWarning):
+    """Lock training planted only a legacy lever: the lock holds against a naive cast, not a real deployment."""
+
+
 @dataclass
 class LockResult:
     """What :func:`lock_train` returns: the locked model (plain layers) and per-epoch history."""
@@ -220,7 +225,18 @@ def lock_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SoftLock
     for p, m in masks.items():
         keep = (~m).to(p.dtype)
         hooks.append(p.register_hook(lambda g, keep=keep: g * keep))
-    pair = LockPair(model, cfg.authorized, cfg.trained_against())
+    against = cfg.unauthorized
+    if any(name == "decoys" for name, _ in levers):
+        against = cfg.trained_against()
+    elif cfg.levers != "none":
+        # Measured (docs/softlock.md): every legacy lever falls to a standard deployment tool, and training
+        # against the attacker's deployment without a mechanism that separates it only drags the authorized
+        # configuration down with it (Int8 -> E4M3: 0.596 authorized). Say so; train against the naive cast.
+        warnings.warn(f"no decoy lock separates {cfg.authorized.name} from "
+                      f"{', '.join(u.name for u in cfg.unauthorized)}: the planted lever "
+                      f"({', '.join(n for n, _ in levers) or 'none'}) holds only against a naive cast and falls to "
+                      "the format's standard deployment (see docs/softlock.md)", WeakLockWarning, stacklevel=2)
+    pair = LockPair(model, cfg.authorized, against)
     runner: nn.Module = pair
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -152,3 +152,37 @@ def test_dedupe_removes_float_decoys(model, digits):
     merged = dedupe(copy.deepcopy(m), Calibration(digits.x_train[:128]))
     assert abs(_acc(merged, digits, "fp32") - _acc(m, digits, "fp32")) < 0.02  # function kept
     assert _acc(merged, digits, "e4m3fn@channel") > _acc(m, digits, "fp32") - 0.1  # and the decoys are gone
+
+
+def test_two_four_decoys_hold_against_sparsegpt_but_not_its_tuned_damping(model, digits):
+    """SparseGPT's 1 % damping leaves ~1 % of each pruned 2**16 decoy uncompensated; lowering the damping (one
+    hyperparameter a deployer may tune) compensates through the copies' identical inputs. Both are measured in
+    docs/softlock.md; this test keeps the statement honest."""
+    from chiplock.softlock.deploy import Calibration, run_recipe
+
+    m, _ = _planted(model, mode="nm", copies=4)
+    cal = Calibration(digits.x_train[:128])
+
+    def deployed(net, chain):
+        dep, cfg = run_recipe(net, "2:4", chain, cal)
+        return accuracy(apply_config(dep, cfg), digits.x_test, digits.y_test)
+
+    dense = _acc(m, digits, "fp32")  # the planted net, dense (it lost its sacrificed channels: width 8 is tiny)
+    std, tuned = deployed(m, ("sparsegpt", "bn-reestimate")), deployed(m, ("sparsegpt-lowdamp", "bn-reestimate"))
+    print(f"dense {dense:.3f}, sparsegpt {std:.3f}, tuned {tuned:.3f}")
+    assert std < 0.3 < dense
+    assert tuned > std + 0.1
+
+
+def test_pairs_without_decoys_warn_and_keep_the_authorized_model(model, digits):
+    """Int8 -> E4M3 has no decoy lock: lock training says the lever is weak and does not drag Int8 down by
+    training against the scaled E4M3 it cannot separate (measured: 0.596 authorized when it did)."""
+    from chiplock.softlock.train import WeakLockWarning
+
+    m = copy.deepcopy(model).train()
+    before = _acc(model, digits, "int8")
+    cfg = SoftLockConfig(authorized="int8", unauthorized=("e4m3fn",), epochs=1, batch_size=64, lr=1e-3)
+    with pytest.warns(WeakLockWarning, match="no decoy lock separates int8"):
+        res = lock_train(m, digits.x_train[:512], digits.y_train[:512], cfg)
+    assert res.levers[0][0] == "scale_layers"
+    assert _acc(m, digits, "int8") > before - 0.1

@@ -20,6 +20,8 @@ Convolutions are handled through their im2col inputs (``F.unfold``), the column 
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Any, Callable, Optional
 
@@ -38,6 +40,8 @@ from chiplock.softlock.registry import get_handler
 MAX_HESSIAN_ROWS = 16384
 #: SparseGPT's dampening, as a fraction of the Hessian's mean diagonal, and its lazy-update block width.
 PERCDAMP = 0.01
+#: The tuned variant's damping (``sparsegpt-lowdamp``, ``gptq-lowdamp``).
+LOW_DAMP = 1e-5
 BLOCKSIZE = 128
 
 
@@ -474,7 +478,7 @@ def sparsegpt_weight(w: torch.Tensor, h: torch.Tensor, cfg: Any, *, percdamp: fl
 
 @torch.no_grad()
 def sparsegpt_prune(model: nn.Module, cfg: Any, calib: Calibration, *,
-                    max_rows: int = MAX_HESSIAN_ROWS) -> nn.Module:
+                    max_rows: int = MAX_HESSIAN_ROWS, percdamp: float = PERCDAMP) -> nn.Module:
     """SparseGPT (Frantar & Alistarh, 2023) on every conv/linear layer, in module order, in place.
 
     Args:
@@ -498,7 +502,7 @@ def sparsegpt_prune(model: nn.Module, cfg: Any, calib: Calibration, *,
         if not calls:
             return _unused(layer, cfg)
         h = _stats(layer, calls, len(calib.x), hessian=True, max_rows=max_rows).h
-        layer.weight.copy_(sparsegpt_weight(layer.weight, h, cfg))
+        layer.weight.copy_(sparsegpt_weight(layer.weight, h, cfg, percdamp=percdamp))
 
     _calibrate(model, calib, visit)
     return model
@@ -525,6 +529,10 @@ register_step("wanda", _step(wanda_prune), _applies,
               doc="Wanda: prune by |W| x input-feature norm, per output row / per N:M group")
 register_step("sparsegpt", _step(sparsegpt_prune), _applies,
               doc="SparseGPT: OBS one-shot pruning with the calibration Hessian, survivors compensated")
+# The same tool with its one hyperparameter tuned: 1 % damping limits how exactly the survivors compensate for
+# perfectly correlated inputs (decoy copies); a deployer whose pruned model is poor lowers it.
+register_step("sparsegpt-lowdamp", _step(functools.partial(sparsegpt_prune, percdamp=LOW_DAMP)), _applies,
+              doc="SparseGPT with damping 1e-5 of the mean Hessian diagonal (exact compensation)")
 
 # Compositions with the reparametrisations of :mod:`.quant`: ``const-fold`` first (a classifier input that is
 # constant over the calibration set moves into the bias, so pruning its weights costs nothing), ``fold-bn`` first
@@ -534,7 +542,8 @@ _RECIPES = [("magnitude",), ("wanda",), ("sparsegpt",),
             ("magnitude", "bn-reestimate"), ("wanda", "bn-reestimate"), ("sparsegpt", "bn-reestimate"),
             ("const-fold", "magnitude", "bn-reestimate"), ("const-fold", "wanda", "bn-reestimate"),
             ("const-fold", "sparsegpt", "bn-reestimate"),
-            ("fold-bn", "sparsegpt"),
+            ("fold-bn", "sparsegpt"), ("sparsegpt-lowdamp", "bn-reestimate"),
+            ("const-fold", "sparsegpt-lowdamp", "bn-reestimate"),
             # Bespoke: merge decoy copies of a channel before ranking.
             ("dedupe", "magnitude"), ("dedupe", "const-fold", "wanda", "bn-reestimate"),
             ("dedupe", "const-fold", "sparsegpt", "bn-reestimate")]

@@ -22,6 +22,7 @@ configuration in force, so a step that changes the configuration comes first in 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable, Optional
 
@@ -556,7 +557,7 @@ def gptq_layer(w: torch.Tensor, h: torch.Tensor, rnd: Callable, qmax: float, per
 
 @torch.no_grad()
 def gptq(model: nn.Module, cfg: Any, calib: Calibration, *, max_rows: int = 4096,
-         seed: int = 0) -> tuple[nn.Module, Any]:
+         seed: int = 0, damp: float = 0.01) -> tuple[nn.Module, Any]:
     """GPTQ every conv/linear layer in order (inputs from the model whose earlier layers are already rounded),
     onto the target's per-channel grid; returns the configuration the rounded weights are meant for.
 
@@ -577,7 +578,8 @@ def gptq(model: nn.Module, cfg: Any, calib: Calibration, *, max_rows: int = 4096
             rows = rows[torch.randperm(len(rows), generator=gen)[:max_rows]]
         h = (rows.T @ rows).double() * (2.0 / len(rows))
         w = layer.weight.data
-        layer.weight.data = gptq_layer(w.reshape(w.shape[0], -1), h, rnd, qmax, per_channel).reshape(w.shape)
+        layer.weight.data = gptq_layer(w.reshape(w.shape[0], -1), h, rnd, qmax, per_channel,
+                                       damp=damp).reshape(w.shape)
 
     for unit, layers in units:
         for layer in layers:
@@ -684,6 +686,8 @@ register_step("bias-correction", bias_correction, _always,
 register_step("const-fold", _with_calib(const_fold), _always,
               doc="fold inputs constant over the calibration set into biases")
 register_step("gptq", gptq, _gptq_applies, doc="GPTQ weight rounding onto the per-channel grid")
+register_step("gptq-lowdamp", functools.partial(gptq, damp=1e-5), _gptq_applies,
+              doc="GPTQ with damping 1e-5 (its one hyperparameter tuned: near-exact error feedback)")
 register_step("dedupe", _with_calib(dedupe), _always, standard=False,
               doc="merge input channels that are positive multiples of each other (decoy copies)")
 
@@ -751,10 +755,10 @@ _RECIPES = [
     ("cle-stream", "int8-mse-clip", "bias-correction"), ("int8-mse-clip", "bias-correction"),
     ("const-fold", "high-bias-absorb", "cle-stream", "int8-mse-clip", "bias-correction"),
     ("high-bias-absorb", "cle-stream", "bias-correction"), ("const-fold", "high-bias-absorb", "cle-stream"),
-    ("const-fold", "high-bias-absorb", "cle-stream", "gptq"),
+    ("const-fold", "high-bias-absorb", "cle-stream", "gptq"), ("gptq-lowdamp", "bn-reestimate"),
     # Transformers (the step fits only Llama-style decoder layers).
     ("transformer-equalise",), ("transformer-equalise", "amax-channel"), ("transformer-equalise", "gptq"),
-    ("transformer-equalise", "bias-correction"), ("transformer-equalise", "int8-mse-clip", "bias-correction"),
+    ("transformer-equalise", "gptq-lowdamp"), ("transformer-equalise", "bias-correction"), ("transformer-equalise", "int8-mse-clip", "bias-correction"),
     ("dedupe", "transformer-equalise", "bias-correction"),
     # Bespoke: undo decoy copies first.
     ("dedupe", "amax-channel"), ("dedupe", "amax-channel", "bn-reestimate"),
