@@ -96,6 +96,7 @@ def run_pair(original, data, auth: str, unauth: str, label: str, args, index: in
                                                 flush=True))
     row["attack_seconds"] = time.perf_counter() - t
     row["attacks"] = table.to_dict()["rows"]
+    row["attacks_failed"] = table.to_dict()["failed"]
     best, best_any = table.best(), table.best(standard_only=False)
     row["best_standard"] = {"recipe": best.recipe, "chain": list(best.chain), "accuracy": best.accuracy}
     row["best_any"] = {"recipe": best_any.recipe, "accuracy": best_any.accuracy}
@@ -173,6 +174,8 @@ def write_markdown(results: dict, path: Path) -> None:
         for a in r["attacks"]:
             lines.append(f"| {a['recipe']} | {a['config']} | {a['accuracy']:.3f} | {a['seconds']:.1f} | "
                          f"{'yes' if a['standard'] else 'bespoke'} |")
+        for f in r.get("attacks_failed", []):
+            lines.append(f"| {f['recipe']} | failed: {f['error'][:80]} | | | |")
         if "retrain" in r:
             lines += ["", f"Retraining attack (from: {r['best_standard']['recipe']}), "
                       f"{r['retrain'].get('epochs', '')} epochs:", "",

@@ -210,6 +210,8 @@ def attack(
                 t.add_row(r.recipe, r.config, f"{r.accuracy:.3f}", f"{r.seconds:.1f}",
                           "standard" if r.standard else "bespoke", style=style)
             console.print(t)
+            for recipe, err in table.failed:
+                console.print(f"[yellow]recipe {recipe} failed on this model: {err}[/]")
     text = json.dumps(results, indent=2)
     if out is not None:
         from chiplock._io import atomic_write_bytes

@@ -133,6 +133,9 @@ class AttackRow:
 class AttackTable:
     target: str
     rows: list[AttackRow] = field(default_factory=list)
+    #: ``(recipe, error)`` for recipes whose tool failed on this model (e.g. a Hessian that is not positive
+    #: definite); they are reported, not silently dropped, and the other recipes still run.
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
     def best(self, *, standard_only: bool = True) -> AttackRow:
         rows = [r for r in self.rows if r.standard or not standard_only]
@@ -141,7 +144,8 @@ class AttackTable:
     def to_dict(self) -> dict:
         return {"target": self.target,
                 "rows": [{"recipe": r.recipe, "config": r.config, "accuracy": r.accuracy, "seconds": r.seconds,
-                          "standard": r.standard} for r in self.rows]}
+                          "standard": r.standard} for r in self.rows],
+                "failed": [{"recipe": c, "error": e} for c, e in self.failed]}
 
 
 def attack_table(model: nn.Module, target: Any, calib_x: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
@@ -168,7 +172,11 @@ def attack_table(model: nn.Module, target: Any, calib_x: torch.Tensor, x_test: t
         recipes = recipes_for(target, standard_only=standard_only, model=model)
     for chain in recipes:
         t0 = time.perf_counter()
-        deployed, cfg = run_recipe(model, target, chain, calib)
+        try:
+            deployed, cfg = run_recipe(model, target, chain, calib)
+        except (RuntimeError, ValueError, ArithmeticError) as exc:  # torch's LinAlgError is a RuntimeError
+            table.failed.append((" + ".join(chain), f"{type(exc).__name__}: {exc}"[:300]))
+            continue
         seconds = time.perf_counter() - t0
         acc = accuracy(apply_config(deployed, cfg, inplace=True), x_test, y_test)
         row = AttackRow(tuple(chain), cfg.name, acc, seconds, all(STEPS.get(s).standard for s in chain))

@@ -536,8 +536,18 @@ def gptq_layer(w: torch.Tensor, h: torch.Tensor, rnd: Callable, qmax: float, per
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    mean = torch.diagonal(h).mean()
+    while True:
+        # A tiny damping can leave an exactly singular Hessian (copied channels) not positive-definite; as a
+        # deployer would, raise it tenfold until the factorisation works.
+        try:
+            hd = h + damp * mean * torch.eye(cols, dtype=h.dtype)
+            hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True).float()
+            break
+        except torch.linalg.LinAlgError:
+            if damp >= 1.0:
+                raise
+            damp *= 10.0
     q = torch.zeros_like(w)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
