@@ -17,7 +17,6 @@ collected by pytest. Example (a few minutes on one core of a 2-core CPU):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform

@@ -93,20 +93,6 @@ def _sites(model: nn.Module) -> list[_Site]:
     return out
 
 
-def _block_triples(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.Conv2d]]:
-    """``(conv_i, bn_i, conv_{i+1})`` inside residual blocks, where conv_{i+1} reads relu(bn_i(conv_i(x)))."""
-    out = []
-    for mod in model.modules():
-        if not hasattr(mod, "shortcut"):
-            continue
-        for i in (1, 2):
-            c1, b, c2 = (getattr(mod, f"conv{i}", None), getattr(mod, f"bn{i}", None),
-                         getattr(mod, f"conv{i + 1}", None))
-            if isinstance(c1, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and isinstance(c2, nn.Conv2d):
-                out.append((c1, b, c2))
-    return out
-
-
 @torch.no_grad()
 def plant_decoys(model: nn.Module, *, copies: int = 3, groups: int = 1, log2_m: int | None = None, grid_bits: int = 6,
                  mode: str = "float", headroom: int = 2, log2_k: int = 12, seed: int = 0) -> dict:

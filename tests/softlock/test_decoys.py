@@ -75,11 +75,12 @@ def test_sparsity_decoys(model, digits):
 
 def test_int8_decoys_are_exact_in_int8(model, digits):
     from chiplock.softlock import Int8
-    from chiplock.softlock.decoys import _block_triples
+    from chiplock.softlock.decoys import _sites
 
     m, masks = _planted(model, mode="int8", headroom=3)
     n = 0
-    for _, _, conv2 in _block_triples(m):
+    for site in _sites(m):
+        conv2 = site.consumer
         cols = masks[conv2.weight].all(dim=(0, 2, 3))
         q = Int8().quantize_weight(conv2.weight.detach())
         # Copies carry identical activations, so the decoys add nothing exactly when their Int8 codes cancel...

@@ -11,7 +11,7 @@ import torch
 from chiplock_demo.models import resnet18
 from chiplock.softlock import apply_config
 from chiplock.softlock.config import SoftLockConfig
-from chiplock.softlock.levers import apply_levers, offset_logits, outlier_channels, plan_levers, scale_layers, \
+from chiplock.softlock.levers import offset_logits, outlier_channels, plan_levers, scale_layers, \
     stream_outliers
 from chiplock.softlock.train import evaluate_configs, lock_loss, lock_train
 from chiplock_demo.training import train_classifier
