@@ -13,10 +13,11 @@ from chiplock.softlock.int8 import Granularity, Int8
 from chiplock.softlock.nm_sparsity import NMSparsity
 from chiplock.softlock.magnitude import MagnitudePruning
 from chiplock.softlock.scaled import Scaled
+from chiplock.softlock.outliers import DenseAndSparse
 from chiplock.softlock.apply import apply_config, set_config, strip_config, using_config
 
 __all__ = [
-    "BF16", "Compose", "E4M3", "E5M2", "FORMATS", "FP16", "FP32", "Granularity", "Handler", "Int8",
+    "BF16", "Compose", "DenseAndSparse", "E4M3", "E5M2", "FORMATS", "FP16", "FP32", "Granularity", "Handler", "Int8",
     "MagnitudePruning", "MiniFloat", "NMSparsity", "Overflow", "Scaled", "Variant", "apply_config", "config_from_dict",
     "config_to_dict", "example_names",
     "get_handler", "parse_config", "register", "registered_types", "set_config", "strip_config", "using_config",

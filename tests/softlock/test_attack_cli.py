@@ -124,3 +124,27 @@ def test_decoys_in_a_transformer():
 
     merged = dedupe(copy.deepcopy(planted), Calibration(d.x_train[:128]))  # the bespoke attack finds the copies
     assert acc(merged, "int8") > acc(planted, "fp16") - 0.15
+
+
+def test_dense_and_sparse_keeps_the_largest_weights_exact():
+    from chiplock.softlock import DenseAndSparse, Int8, get_handler, parse_config
+
+    cfg = parse_config("int8@sparse0.05")
+    assert cfg == DenseAndSparse("int8", 0.05) and cfg.name == "int8@sparse0.05"
+    assert parse_config("e4m3fn@channel@sparse0.01").base == "e4m3fn@channel"
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 40, generator=g)
+    w[0, 3], w[5, 7] = 500.0, -300.0  # two outliers that would set their rows' Int8 scale
+    out = get_handler(cfg).weight(w)
+    k = int(0.05 * w.numel())
+    top = torch.topk(w.abs().reshape(-1), k).indices
+    assert torch.equal(out.reshape(-1)[top], w.reshape(-1)[top])  # kept exactly
+    rest = w.clone().reshape(-1)
+    rest[top] = 0
+    expect = Int8().quantize_weight(rest.reshape(w.shape)).reshape(-1)
+    mask = torch.ones(w.numel(), dtype=torch.bool)
+    mask[top] = False
+    assert torch.equal(out.reshape(-1)[mask], expect[mask])  # the rest on a grid set without the outliers
+    assert float((out - w).abs().max()) < 0.05 * float(w[1].abs().max())
+    with pytest.raises(ValueError):
+        DenseAndSparse("int8", 0.0)

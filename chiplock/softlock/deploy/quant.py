@@ -698,6 +698,18 @@ register_step("const-fold", _with_calib(const_fold), _always,
 register_step("gptq", gptq, _gptq_applies, doc="GPTQ weight rounding onto the per-channel grid")
 register_step("gptq-lowdamp", functools.partial(gptq, damp=1e-5), _gptq_applies,
               doc="GPTQ with damping 1e-5 (its one hyperparameter tuned: near-exact error feedback)")
+def _dense_and_sparse(fraction: float) -> Callable:
+    def step(model, cfg, calib):
+        from chiplock.softlock.outliers import DenseAndSparse
+
+        return model, DenseAndSparse(cfg.name, fraction)
+    return step
+
+
+register_step("outliers-1pct", _dense_and_sparse(0.01), _is_fmt,
+              doc="dense-and-sparse (SpQR/SqueezeLLM): the top 1 % of each layer's weights kept in FP16")
+register_step("outliers-5pct", _dense_and_sparse(0.05), _is_fmt,
+              doc="dense-and-sparse with a generous 5 % outlier budget")
 register_step("dedupe", _with_calib(dedupe), _always, standard=False,
               doc="merge input channels that are positive multiples of each other (decoy copies)")
 
@@ -770,6 +782,9 @@ _RECIPES = [
     ("transformer-equalise",), ("transformer-equalise", "amax-channel"), ("transformer-equalise", "gptq"),
     ("transformer-equalise", "gptq-lowdamp"), ("transformer-equalise", "bias-correction"), ("transformer-equalise", "int8-mse-clip", "bias-correction"),
     ("dedupe", "transformer-equalise", "bias-correction"),
+    # Dense-and-sparse outlier handling (after a scale step for floats, so the dense part is amax-scaled).
+    ("outliers-1pct", "bn-reestimate"), ("outliers-5pct", "bn-reestimate"),
+    ("amax-channel", "outliers-1pct", "bn-reestimate"), ("amax-channel", "outliers-5pct", "bn-reestimate"),
     # Bespoke: undo decoy copies first.
     ("dedupe", "amax-channel"), ("dedupe", "amax-channel", "bn-reestimate"),
     ("dedupe", "fold-bn", "cle", "amax-channel", "bias-correction"),
