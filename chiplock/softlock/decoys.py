@@ -95,7 +95,8 @@ def _sites(model: nn.Module) -> list[_Site]:
 
 @torch.no_grad()
 def plant_decoys(model: nn.Module, *, copies: int = 3, groups: int = 1, log2_m: int | None = None, grid_bits: int = 6,
-                 mode: str = "float", headroom: int = 2, log2_k: int = 12, seed: int = 0) -> dict:
+                 mode: str = "float", headroom: int = 2, log2_k: int = 12, min_share: float = 0.0,
+                 seed: int = 0) -> dict:
     """Plant decoy cancellations in every residual block (and gated MLP) of ``model``, in place.
 
     Args:
@@ -120,6 +121,8 @@ def plant_decoys(model: nn.Module, *, copies: int = 3, groups: int = 1, log2_m: 
             cancelling partner stays).
         headroom: ``int8`` mode: the decoys' largest value is ``2**headroom`` times the channel's real weights.
         log2_k: ``tiny`` mode: activation scale of the shrunken copy.
+        min_share: Plant at least this share of each layer's weights as decoys (more groups in wide layers),
+            so a dense-and-sparse deployment that keeps that share of outliers in FP16 cannot keep them all.
         seed: Seed for the decoy values and signs.
 
     Returns:
@@ -141,10 +144,13 @@ def plant_decoys(model: nn.Module, *, copies: int = 3, groups: int = 1, log2_m: 
     if not sites:
         raise ValueError("plant_decoys needs a chiplock ResNet (residual blocks with conv1/bn1/conv2) or a "
                          "transformer with gated MLPs (gate_proj/up_proj/down_proj)")
-    narrow = min(site.width for site in sites)
-    if narrow < groups * (copies + 1) + 2:  # Checked before anything changes: a refusal leaves the model intact.
-        raise ValueError(f"plant_decoys: a block with {narrow} channels has no room for {groups} group(s) of "
-                         f"{copies} copies; lower copies/groups or widen the model")
+    def n_groups(site: _Site) -> int:
+        return max(groups, math.ceil(min_share * site.consumer.weight.shape[1] / copies))
+
+    narrow = min(site.width - n_groups(site) * (copies + 1) for site in sites)
+    if narrow < 2:  # Checked before anything changes: a refusal leaves the model intact.
+        raise ValueError(f"plant_decoys: a block has no room for its group(s) of {copies} copies (fewer than 2 "
+                         "channels would be left); lower copies/groups/min_share or widen the model")
     gen = torch.Generator().manual_seed(seed)
     masks: dict = {}
 
@@ -155,23 +161,24 @@ def plant_decoys(model: nn.Module, *, copies: int = 3, groups: int = 1, log2_m: 
         m.index_fill_(dim, idx, True)
 
     for site in sites:
+        site_groups = n_groups(site)
         imp = site.importance[:site.width]
         order = torch.argsort(imp, descending=True)
         if mode == "nm":
             # Whole hardware groups: the `copies` consecutive input channels with the least importance.
-            n_groups = site.width // copies
-            cost = imp[:n_groups * copies].view(n_groups, copies).sum(1)
-            chosen = torch.argsort(cost)[:groups]
+            n_blocks = site.width // copies
+            cost = imp[:n_blocks * copies].view(n_blocks, copies).sum(1)
+            chosen = torch.argsort(cost)[:site_groups]
             spare = torch.cat([torch.arange(g * copies, (g + 1) * copies) for g in chosen.tolist()])
-            carriers = torch.tensor([i for i in order.tolist() if i not in set(spare.tolist())][:groups])
+            carriers = torch.tensor([i for i in order.tolist() if i not in set(spare.tolist())][:site_groups])
         else:
-            carriers, spare = order[:groups], order.flip(0)[:groups * copies]
+            carriers, spare = order[:site_groups], order.flip(0)[:site_groups * copies]
         w = site.consumer.weight
         rows = w.shape[0]
         # Scales come from the real weights, before any group is planted (a second group must not see the first).
         m = 2.0 ** (math.floor(math.log2(w.pow(2).mean().sqrt().item())) + log2_m)
         step = w.abs().amax(dim=tuple(range(1, w.dim()))) * (2.0 ** headroom) / 127.0
-        for g in range(groups):
+        for g in range(site_groups):
             c = int(carriers[g])
             dst = spare[g * copies:(g + 1) * copies]
             for t in site.producers:

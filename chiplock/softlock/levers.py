@@ -246,6 +246,11 @@ def _significand_bits(fmt: Any) -> int | None:
     return 24 if isinstance(fmt, FP32) else None
 
 
+#: Share of each layer's weights planted as float decoys: more than a dense-and-sparse deployment's generous 5 %
+#: FP16 outlier budget can keep (with one group per block, a 5 % budget recovered 0.30; with 7 %, 0.13).
+MIN_SHARE = 0.07
+
+
 def plan_decoys(authorized: Any, unauthorized, *, grid_bits: int = 6) -> tuple[str, dict] | None:
     """The decoy plan (:mod:`chiplock.softlock.decoys`) for a pair, or ``None`` when decoys cannot separate it.
 
@@ -287,7 +292,7 @@ def plan_decoys(authorized: Any, unauthorized, *, grid_bits: int = 6) -> tuple[s
         pu = _significand_bits(u)
         if getattr(u, "family", None) != "integer" and (pu is None or pu > grid_bits - 1):
             return None
-    return ("decoys", {"mode": "float", "grid_bits": grid_bits})
+    return ("decoys", {"mode": "float", "grid_bits": grid_bits, "min_share": MIN_SHARE})
 
 
 MECHANISMS = ("auto", "decoys", "levers", "none")

@@ -187,3 +187,18 @@ def test_pairs_without_decoys_warn_and_keep_the_authorized_model(model, digits):
         res = lock_train(m, digits.x_train[:512], digits.y_train[:512], cfg)
     assert res.levers[0][0] == "scale_layers"
     assert _acc(m, digits, "int8") > before - 0.1
+
+
+def test_min_share_plants_more_groups_in_wide_layers(model):
+    from chiplock.softlock.decoys import _sites
+    from chiplock.softlock.levers import MIN_SHARE
+
+    m = copy.deepcopy(model)
+    masks = plant_decoys(m, mode="float", min_share=MIN_SHARE)
+    for site in _sites(m):
+        cols = masks[site.consumer.weight].all(dim=0)
+        cols = cols.reshape(cols.shape[0], -1).all(dim=1) if cols.dim() > 1 else cols
+        share = int(cols.sum()) / site.consumer.weight.shape[1]
+        assert share >= MIN_SHARE - 1e-9 or int(cols.sum()) == 3, (share, site.consumer.weight.shape)
+    assert plan_decoys("fp32", ["e4m3fn"])[1]["min_share"] == MIN_SHARE
+    assert len(decoy_masks(m)) == len(masks)
