@@ -5,8 +5,9 @@ offsets); every one of them is a function-preserving reparametrisation, and the 
 scaling, cross-layer equalisation, bias absorption) undo exactly those. A decoy changes *how precisely* the
 network must compute instead:
 
-* in a residual block ``conv1 -> bn1 -> relu -> conv2``, ``copies`` low-importance channels of ``conv1`` are made
-  exact copies of one "carrier" channel (same filter, same BatchNorm), so their activations are bit-identical;
+* in a residual block ``conv1 -> bn1 -> relu -> conv2`` (likewise a gated MLP, or an attention value/output pair
+  inside one head), ``copies`` low-importance channels of ``conv1`` are made exact copies of one "carrier" channel
+  (same filter, same BatchNorm), so their activations are bit-identical;
 * ``conv2`` reads the copies with large weights that sum to zero at every (output channel, kernel position):
   ``A, B, -(A + B)`` with ``|A|, |B| ~ 2**log2_m`` times the layer's typical weight.
 

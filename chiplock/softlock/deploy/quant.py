@@ -783,7 +783,8 @@ _RECIPES = [
     ("transformer-equalise", "gptq-lowdamp"), ("transformer-equalise", "bias-correction"), ("transformer-equalise", "int8-mse-clip", "bias-correction"),
     ("dedupe", "transformer-equalise", "bias-correction"),
     # Dense-and-sparse outlier handling (after a scale step for floats, so the dense part is amax-scaled).
-    ("outliers-1pct", "bn-reestimate"), ("outliers-5pct", "bn-reestimate"),
+    ("outliers-1pct",), ("outliers-5pct",), ("outliers-1pct", "bn-reestimate"), ("outliers-5pct", "bn-reestimate"),
+    ("transformer-equalise", "outliers-5pct"),
     ("amax-channel", "outliers-1pct", "bn-reestimate"), ("amax-channel", "outliers-5pct", "bn-reestimate"),
     # Bespoke: undo decoy copies first.
     ("dedupe", "amax-channel"), ("dedupe", "amax-channel", "bn-reestimate"),
