@@ -15,6 +15,7 @@ apply to them.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -95,8 +96,9 @@ class Scaled:
             raise ValueError(f"Scaled(scale={self.scale!r}): use fp32 or e8m0")
         object.__setattr__(self, "element", fmt.name)
 
-    @property
+    @functools.cached_property
     def format(self) -> MiniFloat:
+        # Parsed once per config: a Scaled handler quantises every layer on every forward pass.
         return parse_config(self.element)
 
     @property
