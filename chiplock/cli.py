@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from chiplock._io import check_input, check_output, os_error, read_capped
+from chiplock.attacks.cli import app as attack_app
 from chiplock.errors import (ChiplockError, ContainerError, FileAccessError, KeyFileError, OutputError,
                              ProfileError)
 from chiplock.fingerprint import available_sources
@@ -44,6 +45,7 @@ _VERIFY_HINT = "pass the vendor's Ed25519 public key in PEM, made with `openssl 
 # Sub-command groups owned by other packages mount here, one line each.
 app.add_typer(fingerprint_app, name="fingerprint")
 app.add_typer(softlock_app, name="softlock")
+app.add_typer(attack_app, name="attack")
 
 
 @app.command()

@@ -1,0 +1,97 @@
+"""`chiplock attack` and `make paper`: the harness's plumbing with a fake attack, and the whole smoke run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from chiplock.attacks import cli as attack_cli
+from chiplock.attacks.paper import run_paper
+from chiplock.attacks.result import AttackResult, Table, new_figure, resolve, save_figure
+from chiplock.cli import run as cli_run
+from chiplock.errors import UnsupportedConfig
+
+
+def _fake_module(fail: bool = False) -> types.ModuleType:
+    mod = types.ModuleType("chiplock.attacks.fake")
+    mod.PRESETS = {"smoke": {"n": 2, "cache": None}, "paper": {"n": 5, "cache": None}}
+
+    def plot(result: AttackResult, path: Path) -> None:
+        fig, (ax,) = new_figure()
+        ax.plot([r[0] for r in result.tables[0].rows], [r[1] for r in result.tables[0].rows])
+        save_figure(fig, path)
+
+    def run(*, preset="paper", progress=None, **overrides):
+        params = resolve(mod.PRESETS, preset, overrides)
+        if fail:
+            raise RuntimeError("boom")
+        rows = [[i, i * i] for i in range(params["n"])]
+        return AttackResult(name="fake", title="Fake attack", tables=[Table("Squares", ["i", "i²"], rows)],
+                            data={"claims": [{"claim": "squares grow", "measured": f"{rows[-1][1]}"}]},
+                            params=params, plot=plot)
+
+    mod.run = run
+    return mod
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    mod = _fake_module()
+    monkeypatch.setitem(sys.modules, "chiplock.attacks.fake", mod)
+    monkeypatch.setattr(attack_cli, "ATTACKS", {"fake": ("fake", "A fake attack.")})
+    before = list(attack_cli.app.registered_commands)
+    attack_cli._command("fake", "A fake attack.")
+    yield mod
+    attack_cli.app.registered_commands[:] = before
+
+
+def test_parse_sets_reads_json_and_refuses_items_without_equals():
+    assert attack_cli.parse_sets(["bits=[6,8]", "model=digitcnn", "n=3"]) == {"bits": [6, 8], "model": "digitcnn",
+                                                                            "n": 3}
+    with pytest.raises(UnsupportedConfig, match="KEY=VALUE"):
+        attack_cli.parse_sets(["bits"])
+
+
+def test_unknown_attack_preset_and_setting_are_clear_errors(fake):
+    with pytest.raises(UnsupportedConfig, match="choose from fake"):
+        attack_cli.module("nope")
+    with pytest.raises(UnsupportedConfig, match="unknown preset 'huge'"):
+        attack_cli.run_attack("fake", preset="huge")
+    with pytest.raises(UnsupportedConfig, match="unknown setting.*bitz"):
+        attack_cli.run_attack("fake", overrides={"bitz": 3})
+    with pytest.raises(UnsupportedConfig, match="n \\(paper 5, smoke 2\\)"):
+        attack_cli.run_attack("fake", overrides={"help": 1})
+
+
+def test_run_attack_saves_table_json_and_plot(fake, tmp_path):
+    r = attack_cli.run_attack("fake", preset="smoke", overrides={"n": 4}, out=tmp_path)
+    assert r.params["n"] == 4 and len(r.tables[0].rows) == 4
+    data = json.loads((tmp_path / "fake.json").read_text())
+    assert data["tables"][0]["rows"][-1] == [3, 9] and data["machine"]["cores"]
+    md = (tmp_path / "fake.md").read_text()
+    assert "| 3 | 9 |" in md and "![Fake attack](fake.png)" in md
+    assert (tmp_path / "fake.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paper_writes_results_md_and_reports_a_failed_attack(fake, tmp_path, monkeypatch):
+    run = run_paper(tmp_path, preset="smoke", cache=tmp_path / "cache")
+    assert not run.failed and run.results["fake"].params["cache"] == str(tmp_path / "cache")
+    text = (tmp_path / "results.md").read_text()
+    assert "| squares grow | 1 |" in text and "results/fake.png" in text and "Total run time" in text
+    monkeypatch.setitem(sys.modules, "chiplock.attacks.fake", _fake_module(fail=True))
+    run = run_paper(tmp_path, preset="smoke")
+    assert "RuntimeError: boom" in run.failed["fake"]
+    assert "Failed attacks" in (tmp_path / "results.md").read_text()
+    assert "boom" in (tmp_path / "results" / "fake.error.txt").read_text()
+
+
+def test_cli_runs_an_attack_and_prints_json(fake, tmp_path, capsys):
+    assert cli_run(["attack", "fake", "--preset", "smoke", "--set", "n=3", "--json", "-o", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["name"] == "fake" and out["params"]["n"] == 3
+    assert cli_run(["attack", "fake", "--preset", "nope", "-o", str(tmp_path)]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
