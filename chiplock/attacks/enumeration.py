@@ -73,7 +73,7 @@ SMOKE_SPACE: Space = {
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"space": "smoke", "max_joint": 24, "checks": 0, "workers": 2, "timeout": 300.0, "attack": True,
               "attack_variables": None, "seed": None, "victim": None},
-    "paper": {"space": "default", "max_joint": 24, "checks": 2, "workers": 2, "timeout": 300.0, "attack": True,
+    "paper": {"space": "default", "max_joint": 96, "checks": 2, "workers": 2, "timeout": 300.0, "attack": True,
               "attack_variables": ["ATEN_CPU_CAPABILITY", TORCH_THREADS, "OPENBLAS_NUM_THREADS"], "seed": None,
               "victim": None},
 }
