@@ -45,8 +45,8 @@ class PaperRun:
 
 
 def run_paper(out: str | Path, *, preset: str = "paper", only: list[str] | None = None, threads: int = 1,
-              cache: str | Path | None = None, progress: Progress | None = None,
-              log: Callable[[str], None] | None = None) -> PaperRun:
+              cache: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+              progress: Progress | None = None, log: Callable[[str], None] | None = None) -> PaperRun:
     """Run the attacks (all, or ``only``) with ``preset`` and write ``<out>/results.md``.
 
     Args:
@@ -55,6 +55,7 @@ def run_paper(out: str | Path, *, preset: str = "paper", only: list[str] | None 
         only: Attack names (sub-commands of ``chiplock attack``) to run; default all.
         threads: Torch threads for every attack.
         cache: Folder where attacks that train models keep them between runs (passed as their ``cache``).
+        overrides: Per attack, settings that replace the preset's (``{"enumerate": {"attack": False}}``).
         progress: ``progress(stage, done, total)``.
         log: Called with one line per attack started and finished.
 
@@ -79,14 +80,15 @@ def run_paper(out: str | Path, *, preset: str = "paper", only: list[str] | None 
     run = PaperRun()
     start = time.perf_counter()
     for i, name in enumerate(names):
-        overrides: dict[str, Any] = {}
+        settings: dict[str, Any] = {}
         if cache is not None and "cache" in mods[name].PRESETS[preset]:
-            overrides["cache"] = str(cache)
+            settings["cache"] = str(cache)
+        settings.update((overrides or {}).get(name, {}))
         if log:
             log(f"[{i + 1}/{len(names)}] {name} ({preset}) ...")
         t = time.perf_counter()
         try:
-            run.results[name] = run_attack(name, preset=preset, overrides=overrides, out=folder, threads=threads,
+            run.results[name] = run_attack(name, preset=preset, overrides=settings, out=folder, threads=threads,
                                            progress=progress)
         except Exception as exc:  # noqa: BLE001 - one failed attack is reported; the others still run.
             run.failed[name] = f"{type(exc).__name__}: {exc}"

@@ -95,3 +95,20 @@ def test_cli_runs_an_attack_and_prints_json(fake, tmp_path, capsys):
     assert out["name"] == "fake" and out["params"]["n"] == 3
     assert cli_run(["attack", "fake", "--preset", "nope", "-o", str(tmp_path)]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_paper_fills_every_section(tmp_path):
+    """`make paper`'s smoke mode, every attack for real: no failure, every table filled, every figure drawn.
+
+    The enumeration's end-to-end walk (about 10 fresh processes) is left to its own test."""
+    run = run_paper(tmp_path, preset="smoke", cache=tmp_path / "cache", overrides={"enumerate": {"attack": False}})
+    assert not run.failed, run.failed
+    assert set(run.results) == set(attack_cli.ATTACKS)
+    text = (tmp_path / "results.md").read_text()
+    assert "## The claims of README.md" in text and "not extracted" not in text
+    for name, r in run.results.items():
+        assert r.tables and all(t.rows for t in r.tables), name
+        assert f"## {r.title}" in text, name
+        if r.plot is not None:
+            assert (tmp_path / "results" / f"{name}.png").stat().st_size > 1000, name
