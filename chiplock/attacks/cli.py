@@ -145,10 +145,16 @@ def all_cmd(preset: str = typer.Option("paper", help=_PRESET_HELP),
             out: Path = typer.Option(Path("docs"), "-o", "--out",
                                      help="Folder for results.md; tables and figures go to <out>/results/."),
             threads: int = typer.Option(1, min=1, help="Torch threads."),
-            cache: Path = typer.Option(Path("bench/cache"), help="Trained models are cached here between runs.")
-            ) -> None:
+            cache: Path = typer.Option(Path("bench/cache"), help="Trained models are cached here between runs."),
+            recompose: bool = typer.Option(False, "--recompose", help="Run nothing: rewrite <out>/results.md from "
+                                           "the files the last run left in <out>/results/.")) -> None:
     """Run every attack and write <out>/results.md with the paper's numbers beside ours (`make paper`)."""
+    from chiplock.attacks.paper import recompose as recompose_results
     from chiplock.attacks.paper import run_paper
+
+    if recompose:
+        console.print(f"wrote {recompose_results(out)}")
+        return
 
     for name in only or []:
         module(name)

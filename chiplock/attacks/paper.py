@@ -12,6 +12,7 @@ Usage: ``chiplock attack all [--preset paper|smoke] [-o docs]`` (``make paper``)
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 import traceback
@@ -97,14 +98,45 @@ def run_paper(out: str | Path, *, preset: str = "paper", only: list[str] | None 
             log(f"[{i + 1}/{len(names)}] {name}: {'FAILED ' + run.failed[name] if name in run.failed else 'done'}"
                 f" in {time.perf_counter() - t:.0f} s")
     run.seconds = time.perf_counter() - start
+    (folder / "paper-run.json").write_text(json.dumps({"preset": preset, "names": names, "seconds": run.seconds,
+                                                       "failed": run.failed, "machine": machine()}, indent=1))
     run.path = out / "results.md"
     run.path.write_text(compose(run, names, preset=preset))
     return run
 
 
-def compose(run: PaperRun, names: list[str], *, preset: str) -> str:
+def recompose(out: str | Path) -> Path:
+    """Write ``<out>/results.md`` again from the files a :func:`run_paper` left in ``<out>/results/`` (after a
+    change to the report's wording or claims; no attack runs).
+
+    Raises:
+        ContainerError: The folder holds no ``paper-run.json`` (run ``make paper`` first).
+    """
+    from chiplock.attacks.result import Table
+    from chiplock.errors import ContainerError
+
+    out = Path(out)
+    folder = out / "results"
+    try:
+        meta = json.loads((folder / "paper-run.json").read_text())
+    except (OSError, ValueError):
+        raise ContainerError(f"{folder / 'paper-run.json'} is missing or unreadable; run `make paper` first") from None
+    run = PaperRun(failed=meta.get("failed", {}), seconds=meta["seconds"], path=out / "results.md")
+    for name in meta["names"]:
+        try:
+            d = json.loads((folder / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        run.results[name] = AttackResult(name=d["name"], title=d["title"], tables=[Table(**t) for t in d["tables"]],
+                                         data=d["data"], notes=d["notes"], params=d["params"], seconds=d["seconds"],
+                                         machine=d["machine"])
+    run.path.write_text(compose(run, meta["names"], preset=meta["preset"], machine_info=meta.get("machine")))
+    return run.path
+
+
+def compose(run: PaperRun, names: list[str], *, preset: str, machine_info: dict[str, Any] | None = None) -> str:
     """The text of results.md."""
-    m = machine()
+    m = machine_info or machine()
     lines = [
         "# Results: what each lock costs an attacker",
         "",
@@ -136,7 +168,8 @@ def compose(run: PaperRun, names: list[str], *, preset: str) -> str:
         if r is None:
             lines += [f"## {n}", "", f"Failed: {run.failed.get(n, 'not run')}", ""]
             continue
-        fig = f"results/{n}.png" if r.plot is not None else None
+        fig = f"results/{n}.png" if run.path is not None and (run.path.parent / "results" / f"{n}.png").exists() \
+            else None
         lines.append(r.to_markdown(level=2, figure=fig))
     return "\n".join(lines).rstrip() + "\n"
 
@@ -230,7 +263,35 @@ def _scale_claims(d: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _retrain_claims(d: dict[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for pair, v in d["pairs"].items():
+        m = v["model"]
+        out.append((f"Soft lock `{pair}`: works authorized, fails unauthorized (Δorig ≤ 0.02)",
+                    f"authorized {m['locked_authorized']:.3f} (original {m['original_authorized']:.3f}), "
+                    f"unauthorized {m['locked_unauthorized']:.3f}"))
+        rows = ", ".join(f"{r['fraction']:.0%}: {r['unauthorized_accuracy']:.3f} vs {r['scratch_accuracy']:.3f}"
+                         for r in v["retrain"]["rows"])
+        out.append((f"Retraining `{pair}` recovers no more than training from scratch with the same data",
+                    f"retrained vs scratch: {rows}"))
+    return out
+
+
+def _noise_claims(d: dict[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for pair, v in d["pairs"].items():
+        rows = v["rows"]
+        best = max(rows, key=lambda r: max(r["unauthorized"], r.get("deployed") or 0.0))
+        locked = next(r["authorized"] for r in rows if r["scale"] == 0)
+        what = (f"The paper's plain lock `{pair}` against weight noise (paper: partially effective)" if "[none]" in pair
+                else f"Weight noise does not unlock `{pair}`")
+        out.append((what,
+                    f"best unauthorized {max(best['unauthorized'], best.get('deployed') or 0.0):.3f} (s = "
+                    f"{best['scale']}, authorized then {best['authorized']:.3f}); locked authorized {locked:.3f}"))
+    return out
+
+
 _CLAIMS: dict[str, Callable[[dict[str, Any]], list[tuple[str, str]]]] = {
     "crack": _crack_claims, "distinguish": _distinguish_claims, "enumerate": _enumerate_claims,
-    "emulate": _emulate_claims, "scale": _scale_claims,
+    "emulate": _emulate_claims, "scale": _scale_claims, "retrain": _retrain_claims, "noise": _noise_claims,
 }

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from chiplock.attacks import cli as attack_cli
-from chiplock.attacks.paper import run_paper
+from chiplock.attacks.paper import recompose, run_paper
 from chiplock.attacks.result import AttackResult, Table, new_figure, resolve, save_figure
 from chiplock.cli import run as cli_run
-from chiplock.errors import UnsupportedConfig
+from chiplock.errors import ContainerError, UnsupportedConfig
 
 
 def _fake_module(fail: bool = False) -> types.ModuleType:
@@ -112,3 +112,14 @@ def test_smoke_paper_fills_every_section(tmp_path):
         assert f"## {r.title}" in text, name
         if r.plot is not None:
             assert (tmp_path / "results" / f"{name}.png").stat().st_size > 1000, name
+
+
+def test_recompose_rewrites_results_md_from_the_saved_files(fake, tmp_path):
+    with pytest.raises(ContainerError, match="run `make paper` first"):
+        recompose(tmp_path)
+    run_paper(tmp_path, preset="smoke")
+    first = (tmp_path / "results.md").read_text()
+    (tmp_path / "results.md").unlink()
+    assert cli_run(["attack", "all", "--recompose", "-o", str(tmp_path)]) == 0
+    again = (tmp_path / "results.md").read_text()
+    assert again == first
