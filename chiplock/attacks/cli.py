@@ -8,17 +8,15 @@ attack all`` runs every attack and writes the combined report (what ``make paper
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
 from rich.markdown import Markdown
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from chiplock.errors import UnsupportedConfig
 
@@ -70,21 +68,11 @@ def parse_sets(sets: list[str] | None) -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def _progress(label: str) -> Iterator:
-    if not console.is_terminal:
-        yield None
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
+def _progress(label: str):
+    """The rich progress bar of the main CLI (imported when used: chiplock.cli mounts this app)."""
+    from chiplock.cli import _progress as progress_bar
 
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(f"{label}: {stage}", total=total)
-            bar.update(tasks[stage], completed=done)
-
-        yield update
+    return progress_bar(label)
 
 
 def run_attack(name: str, *, preset: str = "paper", overrides: dict[str, Any] | None = None,
