@@ -385,8 +385,11 @@ def _result(params: dict[str, Any], data: dict[str, Any], seconds: float) -> Att
                   ["baseline stable", e["stable"], True if default else None],
                   ["enumeration seconds (workers)", f"{e['seconds']} ({e['workers']})", None]],
                  caption=f"The issue's first count, on an AVX2 machine: about {ISSUE['composed']} "
-                         f"({math.log2(ISSUE['composed']):.1f} bits). A sampled cluster (max_joint="
-                         f"{params['max_joint']}) makes the composed count a lower bound.")
+                         f"({math.log2(ISSUE['composed']):.1f} bits). "
+                         + (f"A cluster larger than max_joint={params['max_joint']} was sampled, so the composed "
+                            "count is a lower bound." if e["lower_bound"] else
+                            f"Every cluster was measured in full (max_joint={params['max_joint']}): the composed "
+                            "count is exact for this space."))
     per_var = Table("Classes per variable (settings giving the same fingerprint)",
                     ["variable", "settings", "classes", "probes moved alone", "failed", "classes (labels)"],
                     [[v, s["settings"], s["classes"], s["probes_moved"], s["failed"], _labels(e["classes"][v])]
