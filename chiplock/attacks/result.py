@@ -180,8 +180,59 @@ def resolve(presets: dict[str, dict[str, Any]], preset: str, overrides: dict[str
     unknown = sorted(set(overrides) - set(params))
     if unknown:
         raise UnsupportedConfig(f"unknown setting(s) {', '.join(unknown)}; this attack takes {', '.join(params)}")
-    params.update({k: v for k, v in overrides.items() if v is not None})
+    params.update({k: _coerce(k, params[k], v) for k, v in overrides.items() if v is not None})
     return params
+
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    """``value`` in the type of the preset's ``default``: a scalar or a comma-separated string becomes a list where
+    the preset has a list (``--set bits=8`` or ``bits=6,8``); a value of another kind is refused."""
+    from chiplock.errors import UnsupportedConfig
+
+    def bad(kind: str) -> UnsupportedConfig:
+        return UnsupportedConfig(f"setting {key} takes {kind} (the preset has {default!r}), got {value!r}; "
+                                 f"e.g. --set '{key}={json.dumps(default)}'")
+
+    if default is None:
+        return value
+    if isinstance(default, list):
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            value = [_json_or_text(v) for v in items]
+        elif not isinstance(value, list):
+            value = [value]
+        kinds = {type(d) for d in default}
+        if len(kinds) == 1 and kinds <= {int, float, str}:
+            # Each item in the type of the preset's items (``bits=6,abc`` is refused here, not deep in the run).
+            try:
+                return [str(v) if kinds == {str} and isinstance(v, (int, float)) and not isinstance(v, bool)
+                        else _coerce(key, default[0], v) for v in value]
+            except UnsupportedConfig:
+                kind = {int: "whole numbers", float: "numbers", str: "strings"}[kinds.pop()]
+                raise UnsupportedConfig(f"setting {key} takes a list of {kind} (the preset has {default!r}), got "
+                                        f"{value!r}; e.g. --set '{key}={json.dumps(default)}'") from None
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise bad("a whole number")
+        value = int(value)
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise bad("a string")
+    return value
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def new_figure(ncols: int = 1, *, width: float = 5.0, height: float = 3.6):

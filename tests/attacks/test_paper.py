@@ -123,3 +123,17 @@ def test_recompose_rewrites_results_md_from_the_saved_files(fake, tmp_path):
     assert cli_run(["attack", "all", "--recompose", "-o", str(tmp_path)]) == 0
     again = (tmp_path / "results.md").read_text()
     assert again == first
+
+
+def test_settings_take_the_presets_types():
+    presets = {"paper": {"bits": [6, 8], "trials": 3, "scale": 0.5, "on": True, "name": "x", "cache": None}}
+    p = resolve(presets, "paper", {"bits": 10, "trials": 2.0, "scale": 1, "cache": "/tmp/c"})
+    assert p["bits"] == [10] and p["trials"] == 2 and isinstance(p["trials"], int) and p["scale"] == 1.0
+    assert resolve(presets, "paper", {"bits": "6, 12"})["bits"] == [6, 12]
+    for bad in ({"trials": "many"}, {"trials": 2.5}, {"on": 1}, {"name": 3}, {"scale": True}):
+        with pytest.raises(UnsupportedConfig, match=f"setting {next(iter(bad))} takes"):
+            resolve(presets, "paper", bad)
+    with pytest.raises(UnsupportedConfig, match="setting bits takes a list of whole numbers"):
+        resolve(presets, "paper", {"bits": "6,abc"})
+    assert resolve({"p": {"pairs": ["a->b"]}}, "p", {"pairs": "fp32->e4m3fn,dense->2:4"})["pairs"] == [
+        "fp32->e4m3fn", "dense->2:4"]
