@@ -98,10 +98,11 @@ def run_paper(out: str | Path, *, preset: str = "paper", only: list[str] | None 
             log(f"[{i + 1}/{len(names)}] {name}: {'FAILED ' + run.failed[name] if name in run.failed else 'done'}"
                 f" in {time.perf_counter() - t:.0f} s")
     run.seconds = time.perf_counter() - start
-    (folder / "paper-run.json").write_text(json.dumps({"preset": preset, "names": names, "seconds": run.seconds,
-                                                       "failed": run.failed, "machine": machine()}, indent=1))
+    meta = {"preset": preset, "names": names, "seconds": run.seconds, "threads": threads, "failed": run.failed,
+            "machine": machine()}
+    (folder / "paper-run.json").write_text(json.dumps(meta, indent=1))
     run.path = out / "results.md"
-    run.path.write_text(compose(run, names, preset=preset))
+    run.path.write_text(compose(run, names, preset=preset, machine_info=meta["machine"], threads=threads))
     return run
 
 
@@ -130,13 +131,16 @@ def recompose(out: str | Path) -> Path:
         run.results[name] = AttackResult(name=d["name"], title=d["title"], tables=[Table(**t) for t in d["tables"]],
                                          data=d["data"], notes=d["notes"], params=d["params"], seconds=d["seconds"],
                                          machine=d["machine"])
-    run.path.write_text(compose(run, meta["names"], preset=meta["preset"], machine_info=meta.get("machine")))
+    run.path.write_text(compose(run, meta["names"], preset=meta["preset"], machine_info=meta.get("machine"),
+                                threads=meta.get("threads", 1)))
     return run.path
 
 
-def compose(run: PaperRun, names: list[str], *, preset: str, machine_info: dict[str, Any] | None = None) -> str:
+def compose(run: PaperRun, names: list[str], *, preset: str, machine_info: dict[str, Any] | None = None,
+            threads: int = 1) -> str:
     """The text of results.md."""
-    m = machine_info or machine()
+    m = dict(machine_info or machine())
+    m["torch_threads"] = threads
     lines = [
         "# Results: what each lock costs an attacker",
         "",
@@ -145,7 +149,9 @@ def compose(run: PaperRun, names: list[str], *, preset: str, machine_info: dict[
         "work's numbers (Clifford et al., SaTML 2025, measured on GPUs with ResNet-18/50, BERT and GPT models) "
         "stand beside ours where it has one.",
         "",
-        f"Machine: {describe_machine(m)}. Total run time {run.seconds / 60:.1f} min (preset `{preset}`).",
+        f"Machine: {describe_machine(m)}, every attack on that many torch threads. Total run time "
+        f"{run.seconds / 60:.1f} min (preset `{preset}`), including training the soft-locked models once (cached "
+        "in `bench/cache/` for later runs).",
         "",
     ]
     if run.failed:
