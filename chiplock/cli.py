@@ -24,6 +24,7 @@ from chiplock.errors import (ChiplockError, ContainerError, FileAccessError, Key
                              ProfileError)
 from chiplock.fingerprint import available_sources
 from chiplock.fingerprint.cli import app as fingerprint_app
+from chiplock.neuronlock.cli import app as neuronlock_app
 from chiplock.registry import choices_enum, load_plugins
 from chiplock.softlock.cli import app as softlock_app
 from chiplock.transforms import available_transforms
@@ -45,6 +46,7 @@ _VERIFY_HINT = "pass the vendor's Ed25519 public key in PEM, made with `openssl 
 # Sub-command groups owned by other packages mount here, one line each.
 app.add_typer(fingerprint_app, name="fingerprint")
 app.add_typer(softlock_app, name="softlock")
+app.add_typer(neuronlock_app, name="neuronlock")
 app.add_typer(attack_app, name="attack")
 
 
