@@ -331,14 +331,14 @@ def kdf_seconds(repeats: int) -> list[float]:
 # -------------------------------------------------------------------------------------------------------- models
 
 def _digit_model() -> tuple[torch.nn.Module, Any]:
-    from chiplock_demo.data import load_mnist5000
+    from chiplock.attacks.softmodels import load_data
     from chiplock_demo.models.digit_cnn import load_pretrained
 
     model = load_pretrained()
     if model is None:
         raise UnsupportedConfig("crack measures success on the pretrained DigitCNN, which is not installed; "
                                 "install it with: pip install --no-deps digit-recognizer-py")
-    return model, load_mnist5000(seed=0)
+    return model, load_data("mnist5000")  # memoised: shared with the soft-lock attacks in one process
 
 
 def _resnet(width: int) -> torch.nn.Module:

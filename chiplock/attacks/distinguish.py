@@ -289,10 +289,12 @@ def _result(params: dict[str, Any], results: dict[str, dict[str, dict[str, dict[
         aucs = np.array([r["auc"] for r in rows.values()])
         sd = next(iter(rows.values()))["null_sd"]
         notes.append(f"Control ({t}, untrained weights): mean AUC {aucs.mean():.2f} (max {aucs.max():.2f}) over "
-                     f"{aucs.size} rows, where statistics that cannot separate average {0.5 + sd * np.sqrt(2 / np.pi):.2f}"
+                     f"{aucs.size} rows, where statistics that cannot separate average "
+                     f"{0.5 + sd * np.sqrt(2 / np.pi):.2f}"
                      f" at these sample sizes (sd {sd:.3f}): the trained model's separation comes from its structure.")
     data = {"trained": trained, "control": control}
-    return AttackResult(name="distinguish", title="Structural distinguishers against silent locks (pretrained DigitCNN)",
+    return AttackResult(name="distinguish",
+                        title="Structural distinguishers against silent locks (pretrained DigitCNN)",
                         tables=tables, data=data, notes=notes, params=params, seconds=seconds, plot=_plot)
 
 

@@ -55,6 +55,7 @@ from chiplock.fingerprint.configurations import (
     TORCH_THREADS,
     UNSET,
     Space,
+    _setting,
     default_space,
 )
 
@@ -165,13 +166,6 @@ def _child(code: str, setting: Mapping[str, str], args: list[str], timeout: floa
         return {"error": "no result line", "wall_s": wall}
 
 
-def _setting(space: Space, assignment: Mapping[str, str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for var, label in assignment.items():
-        out.update(space[var][label])
-    return out
-
-
 def walk_order(space: Space, classes: Mapping[str, list[list[str]]] | None = None) -> list[dict[str, str]]:
     """The attacker's order of configurations (variable -> label): defaults first, then by how many variables
     leave their default; one representative per class first (when ``classes`` gives them), then every remaining
@@ -225,15 +219,11 @@ def _small_model(path: Path) -> int:
 
 
 def _argon2_default_s(repeats: int = 3) -> float:
-    """Median seconds of one Argon2id run at the default parameters (what each guess would cost a real file)."""
-    from chiplock.keys import KdfParams, MasterKDF
+    """Median seconds of one Argon2id run at the default parameters (what each guess would cost a real file):
+    :func:`chiplock.attacks.crack.kdf_seconds`."""
+    from chiplock.attacks.crack import kdf_seconds
 
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        MasterKDF(params=KdfParams()).derive(os.urandom(32))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(kdf_seconds(repeats))
 
 
 def _check_victim(space: Space, victim: Any) -> None:
@@ -303,8 +293,10 @@ def attack(space: Space, classes: Mapping[str, list[list[str]]] | None, *, worke
     cpus = [t["cpu_s"] for t in tries if "cpu_s" in t]
     probes = [t["probe_s"] for t in tries if "probe_s" in t]
     opens = [t["open_s"] for t in tries if "open_s" in t]
-    return {"victim": victim, "victim_times": v, "parameters": params, "settings": math.prod(len(s) for s in space.values()),
-            "walk": n_reps, "mean_guesses": mean_guesses(space, classes), "guesses": opened_at, "opened": opened_at is not None, "processes": len(tries),
+    return {"victim": victim, "victim_times": v, "parameters": params,
+            "settings": math.prod(len(s) for s in space.values()), "walk": n_reps,
+            "mean_guesses": mean_guesses(space, classes), "guesses": opened_at, "opened": opened_at is not None,
+            "processes": len(tries),
             "failed": sum("error" in t for t in tries), "search_s": search_s,
             "process_s": statistics.median(walls), "cpu_s": statistics.median(cpus) if cpus else None,
             "probe_s": statistics.median(probes) if probes else None,

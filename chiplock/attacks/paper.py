@@ -113,7 +113,6 @@ def recompose(out: str | Path) -> Path:
     Raises:
         ContainerError: The folder holds no ``paper-run.json`` (run ``make paper`` first).
     """
-    from chiplock.attacks.result import Table
     from chiplock.errors import ContainerError
 
     out = Path(out)
@@ -128,9 +127,7 @@ def recompose(out: str | Path) -> Path:
             d = json.loads((folder / f"{name}.json").read_text())
         except (OSError, ValueError):
             continue
-        run.results[name] = AttackResult(name=d["name"], title=d["title"], tables=[Table(**t) for t in d["tables"]],
-                                         data=d["data"], notes=d["notes"], params=d["params"], seconds=d["seconds"],
-                                         machine=d["machine"])
+        run.results[name] = AttackResult.from_json(d)
     run.path.write_text(compose(run, meta["names"], preset=meta["preset"], machine_info=meta.get("machine"),
                                 threads=meta.get("threads", 1)))
     return run.path

@@ -128,6 +128,12 @@ class AttackResult:
                 "data": self.data, "notes": self.notes, "params": self.params, "seconds": self.seconds,
                 "machine": self.machine}
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AttackResult:
+        """The result :meth:`to_json` wrote (without its plot function: the PNG, if any, is already on disk)."""
+        return cls(name=d["name"], title=d["title"], tables=[Table(**t) for t in d["tables"]], data=d["data"],
+                   notes=d["notes"], params=d["params"], seconds=d["seconds"], machine=d["machine"])
+
     def to_markdown(self, level: int = 2, figure: str | None = None) -> str:
         """The report section: heading, machine and run time, tables, figure (when ``figure`` names it), notes."""
         out = [f"{'#' * level} {self.title}", "",

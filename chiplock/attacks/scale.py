@@ -178,7 +178,8 @@ def run(*, preset: str = "paper", progress: Progress | None = None, **overrides:
     return result
 
 
-def _tables(p: dict[str, Any], rows: list[dict[str, Any]], fits: dict[tuple[str, str], dict[str, float]]) -> list[Table]:
+def _tables(p: dict[str, Any], rows: list[dict[str, Any]],
+            fits: dict[tuple[str, str], dict[str, float]]) -> list[Table]:
     times = [[r["transform"], r["params"], r["lock_s"], r["unlock_s"], r["params"] / r["unlock_s"] / 1e6]
              for r in rows]
     fit_rows = [[t, op, f["slope"] * 1e6 * 1e3, f["intercept"], f["r2"], f["intercept"] + f["slope"] * BIG,
@@ -211,7 +212,8 @@ def _notes(p: dict[str, Any], rows: list[dict[str, Any]], fits: dict[tuple[str, 
         lk, un = fits[(t, "lock")], fits[(t, "unlock")]
         at = next(r for r in rows if r["transform"] == t and r["params"] == top)
         notes.append(f"{t}: lock {at['lock_s']:.3g} s and unlock {at['unlock_s']:.3g} s at {top:,} parameters; "
-                     f"linear fits (R² {lk['r2']:.3f} / {un['r2']:.3f}) predict {lk['intercept'] + lk['slope'] * BIG:.3g}"
+                     f"linear fits (R² {lk['r2']:.3f} / {un['r2']:.3f}) predict "
+                     f"{lk['intercept'] + lk['slope'] * BIG:.3g}"
                      f" s / {un['intercept'] + un['slope'] * BIG:.3g} s for 1e9 parameters, once per load as in the "
                      "paper (plus one Argon2id run).")
     for t in p["transforms"]:

@@ -35,19 +35,21 @@ DATASETS = ("digits8", "mnist5000")
 MECHANISMS = ("auto", "decoys", "levers", "none")
 
 _MEMO: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+_DATA: dict[tuple[str, int], Any] = {}
 
 
 def load_data(name: str, *, seed: int = 0):
-    """The data set ``name`` (``digits8``: 8x8, fast; ``mnist5000``: 28x28) from :mod:`chiplock_demo.data`.
+    """The data set ``name`` (``digits8``: 8x8, fast; ``mnist5000``: 28x28):
+    :func:`chiplock.softlock.pipeline.load_dataset`, loaded once per process (the attacks only read it).
 
     Raises:
-        UnsupportedConfig: Unknown name, or the ``demo`` extra is missing.
+        UnsupportedConfig: Unknown name, or the data set's package is missing.
     """
-    if name not in DATASETS:
-        raise UnsupportedConfig(f"unknown data set {name!r}; use {' or '.join(DATASETS)}")
-    from chiplock_demo import data
+    from chiplock.softlock.pipeline import load_dataset
 
-    return data.load_digits8(seed=seed) if name == "digits8" else data.load_mnist5000(seed=seed)
+    if (name, seed) not in _DATA:
+        _DATA[name, seed] = load_dataset(name, seed=seed)
+    return _DATA[name, seed]
 
 
 def pair_configs(pair: str) -> tuple[str, str, str]:
@@ -218,8 +220,9 @@ def locked_model(pair: str, *, data: str, width: int, pretrain_epochs: int, lock
 
 
 def clear_memo() -> None:
-    """Forget the models memoised in this process (the cache folder is left alone)."""
+    """Forget the models and data sets memoised in this process (the cache folder is left alone)."""
     _MEMO.clear()
+    _DATA.clear()
 
 
 __all__ = ["DATASETS", "MECHANISMS", "PAIRS", "clear_memo", "load_data", "lock_config", "locked_model",

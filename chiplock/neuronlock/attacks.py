@@ -185,12 +185,8 @@ def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.T
 
 
 def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor, password=None) -> float:
-    from chiplock.neuronlock import apply_password
-
-    if password is None:
-        return float((_logits(model, x).argmax(1) == y).float().mean())
-    with apply_password(model, password):
-        return float((_logits(model, x).argmax(1) == y).float().mean())
+    logits = _logits(model, x) if password is None else _with(model, password, x)
+    return float((logits.argmax(1) == y).float().mean())
 
 
 def fit_constants(model: nn.Module, neurons: Mapping[str, Sequence[int]], x: torch.Tensor, y: torch.Tensor, *,
@@ -406,15 +402,6 @@ def detection_stats(model: nn.Module, password, x: torch.Tensor) -> dict[str, np
     return {"max-prob": p.max(1).values.numpy(), "entropy": -(p * p.clamp_min(1e-30).log()).sum(1).numpy()}
 
 
-def _load(name: str):
-    from chiplock_demo import data as d
-
-    loaders = {"digits8": d.load_digits8, "mnist5000": d.load_mnist5000}
-    if name not in loaders:
-        raise UnsupportedConfig(f"unknown data set {name!r}; use {' or '.join(loaders)}")
-    return loaders[name]()
-
-
 def _fresh(arch: str, data, width: int, seed: int) -> nn.Module:
     from chiplock.softlock.model_io import build_architecture
 
@@ -440,8 +427,7 @@ def _lock(arch: str, data, params: dict[str, Any], layers: Sequence[str] | None,
     cfg = NeuronLockConfig(spec=spec, epochs=_per_arch(params["lock_epochs"], arch, int),
                            lr=_per_arch(params["lock_lr"], arch),
                            unauth_weight=params["lock_unauth_weight"], mode=params["lock_mode"], seed=seed)
-    lock_train(model, x, y, password, cfg)
-    model.eval()
+    lock_train(model, x, y, password, cfg)  # Leaves the model in eval mode.
     return {"model": model, "stats": stats, "spec": spec, "password": password, "original": original,
             "authorized": _acc(model, xt, yt, password), "natural": _acc(model, xt, yt),
             "seconds": time.perf_counter() - t0}
@@ -536,22 +522,23 @@ def _attack_arch(arch: str, data, params: dict[str, Any], tick) -> dict[str, Any
     # Folding: neurons and values known (exact), random neurons with the true values, neurons only (fit on 1 %).
     xa, ya = _attacker_set(data, params["attacker_fraction"], params["attacker_min"], seed)
     folded = fold_password(model, pw)
-    res["fold_known"] = _acc(folded, xt, yt)
-    res["fold_max_logit_diff"] = float((_logits(folded, xt) - _with(model, pw, xt)).abs().max())
+    folded_logits = _logits(folded, xt)
+    res["fold_known"] = float((folded_logits.argmax(1) == yt).float().mean())
+    res["fold_max_logit_diff"] = float((folded_logits - _with(model, pw, xt)).abs().max())
     rng = np.random.default_rng(seed)
     decoy = _random_neurons(model, pw, rng)
     res["fold_random"] = _acc(fold_password(model, decoy), xt, yt)
     pub = {s.layer: s for s in stats}
-    fitted = fit_constants(model, {lp.layer: lp.neurons for lp in pw.layers}, xa, ya,
-                           init={lp.layer: ([pub[lp.layer].mean[c] for c in lp.neurons],
-                                            [pub[lp.layer].std[c] for c in lp.neurons]) for lp in pw.layers},
-                           steps=params["fit_steps"], restarts=params["fit_restarts"], seed=seed)
-    res["fit_known_neurons"] = _acc(model, xt, yt, fitted)
-    fitted_random = fit_constants(model, {lp.layer: lp.neurons for lp in decoy.layers}, xa, ya,
-                                  init={lp.layer: ([pub[lp.layer].mean[c] for c in lp.neurons],
-                                                   [pub[lp.layer].std[c] for c in lp.neurons]) for lp in decoy.layers},
-                                  steps=params["fit_steps"], restarts=params["fit_restarts"], seed=seed)
-    res["fit_random_neurons"] = _acc(model, xt, yt, fitted_random)
+
+    def fit(neurons_of) -> Any:
+        # The attacker fits the constants of the given neurons, starting from their public mean and std.
+        return fit_constants(model, {lp.layer: lp.neurons for lp in neurons_of.layers}, xa, ya,
+                             init={lp.layer: ([pub[lp.layer].mean[c] for c in lp.neurons],
+                                              [pub[lp.layer].std[c] for c in lp.neurons]) for lp in neurons_of.layers},
+                             steps=params["fit_steps"], restarts=params["fit_restarts"], seed=seed)
+
+    res["fit_known_neurons"] = _acc(model, xt, yt, fit(pw))
+    res["fit_random_neurons"] = _acc(model, xt, yt, fit(decoy))
     res["attacker_images"] = len(ya)
     tick()
 
@@ -652,7 +639,9 @@ def run(*, preset: str = "paper", progress: Progress | None = None, **overrides)
         raise UnsupportedConfig("neuronlock attack: data fractions must be in (0, 1], e.g. ft_fractions=[0.01, 0.1]")
     if params["wrong_keys"] < 2 or params["det_batches"] < 2 or params["det_batch"] < 1:
         raise UnsupportedConfig("neuronlock attack: use wrong_keys >= 2, det_batches >= 2 and det_batch >= 1")
-    data = _load(params["data"])
+    from chiplock.softlock.pipeline import load_dataset
+
+    data = load_dataset(params["data"])
     steps = 5 + len(params["ft_fractions"])
     total, done = steps * len(params["archs"]) + 1, 0
 

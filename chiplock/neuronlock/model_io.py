@@ -203,13 +203,13 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, NeuronLockInfo]:
         >>> model, info = load_model("m.safetensors")
     """
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     check_input(path, "model file", "pass the .safetensors file written by save_model")
     try:
+        # One open for the metadata and the tensors (what safetensors.torch.load_file does inside).
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
         raise _bad(path, f"not a readable safetensors file: {exc}") from None
     if META_KEY not in meta:

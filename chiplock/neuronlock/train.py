@@ -297,18 +297,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, password: Optio
         raise UnsupportedConfig(f"evaluate(batch_size={batch_size!r}): use a positive integer")
     if password is not None and not isinstance(password, Password):
         raise UnsupportedConfig(f"evaluate: password must be a Password or None, not {type(password).__name__}")
+    from chiplock_demo.training import accuracy
+
     was_training = model.training
-    model.eval()
     handle = apply_password(model, password) if password is not None else None
     try:
-        correct = 0
-        for i in range(0, len(y), batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
+        return accuracy(model, x, y, batch_size)
     finally:
         if handle is not None:
             handle.remove()
         model.train(was_training)
-    return correct / len(y)
 
 
 @torch.no_grad()

@@ -13,12 +13,13 @@ pytest.importorskip("sklearn")
 from chiplock.errors import UnsupportedConfig  # noqa: E402
 from chiplock.neuronlock import LayerPassword, Password, apply_password  # noqa: E402
 from chiplock.neuronlock import attacks  # noqa: E402
+from chiplock.softlock.pipeline import load_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def locked():
     """SmallCNN width 8 on 8x8 digits, locked on its first conv only (8 channels, one authorization neuron)."""
-    data = attacks._load("digits8")
+    data = load_dataset("digits8")
     params = dict(attacks.PRESETS["smoke"], pretrain_epochs=10, lock_epochs=10, lock_lr=3e-3)
     lk = attacks._lock("smallcnn", data, params, ["features.0"], "test")
     return lk, data

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -128,16 +126,23 @@ def test_gradients_do_not_flow_into_locked_neurons():
 
 
 def test_right_and_wrong_password_differ():
+    # Fixed model, input and keys (random ones made this flaky). Not every wrong password changes this random,
+    # untrained net's output: a locking value that BatchNorm/ReLU map to zero acts as pruning, and two passwords
+    # that only silence already-dead channels give identical outputs (docs/neuronlock.md, Limits). Most must differ.
+    torch.manual_seed(0)
     model, x = _net(), torch.rand(16, 1, 8, 8)
     stats = rank_neurons(model, x, ["conv", "tok"])
-    key = os.urandom(32)
+    key = bytes(range(32))
     with apply_password(model, derive_password(key, stats)):
         right = model(x)
     with apply_password(model, derive_password(key, stats)):
         again = model(x)
-    with apply_password(model, derive_password(os.urandom(32), stats)):
-        wrong = model(x)
-    assert torch.equal(right, again) and not torch.equal(right, wrong)
+    assert torch.equal(right, again)
+    differ = 0
+    for i in range(1, 21):
+        with apply_password(model, derive_password(bytes([i]) * 32, stats)):
+            differ += not torch.equal(right, model(x))
+    assert differ >= 12, f"only {differ} of 20 wrong passwords changed the output"
 
 
 def test_bad_password_installs_nothing():
