@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[test,demo,softlock,hf]'
+	$(BIN)/python -m pip install --quiet -e '.[test,demo,softlock,hf,enclave]'
 	$(BIN)/python -m pip install --quiet --no-deps digit-recognizer-py
 	touch $(STAMP)
 

@@ -71,3 +71,9 @@ class OutputError(FileAccessError):
 class KeyFileError(ChiplockError):
     """A signing or verification key file is missing, unreadable, of the wrong kind (public where private is
     expected or the reverse), or not an Ed25519 key."""
+
+
+class EnclaveError(ChiplockError):
+    """The secure-world executor refused a request or could not start: a malformed or oversized message, a
+    tensor of the wrong dtype or shape, a secure part over its memory budget, an executor that died or cannot be
+    hardened where hardening was required. The message says which and what to do."""

@@ -7,11 +7,7 @@ The tests start and stop their own ``swtpm`` processes on free loopback ports; t
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
 import sys
-import time
 import warnings
 
 import pytest
@@ -23,6 +19,7 @@ from chiplock.fingerprint import available_sources, get_source
 from chiplock.fingerprint.tpm import ENV_TCTI, parse_pcrs
 from chiplock.keys import INSECURE_FAST, KdfParams
 from chiplock.keys.combine import key_strength
+from swtpm_helper import Swtpm, free_port_pair, needs_swtpm
 
 try:
     import tpm2_pytss
@@ -31,76 +28,6 @@ except ImportError:
 
 needs_pytss = pytest.mark.skipif(tpm2_pytss is None, reason="tpm2-pytss is not installed (pip install "
                                  "'chiplock[tpm]' after apt-get install libtss2-dev; `make test` does both as root)")
-needs_swtpm = pytest.mark.skipif(tpm2_pytss is None or shutil.which("swtpm") is None,
-                                 reason="swtpm or tpm2-pytss is not installed (apt-get install swtpm swtpm-tools "
-                                        "libtss2-dev, pip install 'chiplock[tpm]'; `make test` does both as root)")
-
-
-def _free_port_pair() -> int:
-    """A port P with P and P+1 free on the loopback interface (swtpm's data and control ports)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no two adjacent free loopback ports")
-
-
-class Swtpm:
-    """A swtpm process with its own state folder; ``restart`` keeps the state (a reboot of the same TPM)."""
-
-    def __init__(self, state_dir) -> None:
-        self.state_dir = state_dir
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-
-    @property
-    def tcti(self) -> str:
-        return f"swtpm:host=127.0.0.1,port={self.port}"
-
-    def start(self) -> Swtpm:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            self.port = _free_port_pair()
-            self.proc = subprocess.Popen(
-                ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir}",
-                 "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                 "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-                 "--flags", "not-need-init,startup-clear"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                    return self
-                except OSError:
-                    time.sleep(0.02)
-            self.stop()  # the port was taken in between, or swtpm failed: try another port
-        raise RuntimeError("swtpm did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc.stderr.close()
-            self.proc = None
-
-    def restart(self) -> Swtpm:
-        self.stop()
-        return self.start()
-
-
 @pytest.fixture(scope="module")
 def swtpm(tmp_path_factory):
     tpm = Swtpm(tmp_path_factory.mktemp("swtpm") / "state").start()
@@ -182,7 +109,7 @@ def test_missing_tpm2_pytss_says_how_to_install(monkeypatch):
 
 @needs_pytss
 def test_unreachable_tpm_names_the_tcti_and_the_variable():
-    port = _free_port_pair()  # nothing listens there
+    port = free_port_pair()  # nothing listens there
     with pytest.raises(FingerprintError, match=rf"cannot reach a TPM 2.0 through TCTI 'swtpm:host=127.0.0.1,"
                                                rf"port={port}'.*{ENV_TCTI}"):
         get_source("tpm", tcti=f"swtpm:host=127.0.0.1,port={port}").enroll()
