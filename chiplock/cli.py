@@ -20,6 +20,7 @@ from rich.table import Table
 
 from chiplock._io import check_input, check_output, os_error, read_capped
 from chiplock.attacks.cli import app as attack_app
+from chiplock.enclave.cli import app as enclave_app
 from chiplock.errors import (ChiplockError, ContainerError, FileAccessError, KeyFileError, OutputError,
                              ProfileError)
 from chiplock.fingerprint import available_sources
@@ -48,6 +49,7 @@ app.add_typer(fingerprint_app, name="fingerprint")
 app.add_typer(softlock_app, name="softlock")
 app.add_typer(neuronlock_app, name="neuronlock")
 app.add_typer(attack_app, name="attack")
+app.add_typer(enclave_app, name="enclave")
 
 
 @app.command()

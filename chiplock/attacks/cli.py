@@ -44,10 +44,12 @@ _SET_HELP = ("Override one setting of the preset, KEY=VALUE with VALUE as JSON (
 
 
 def module(name: str):
-    """The attack module behind sub-command ``name``."""
+    """The attack module behind sub-command ``name`` (a module of :mod:`chiplock.attacks`, or a dotted path for
+    attacks that live with what they attack, such as :mod:`chiplock.enclave.stealing`)."""
     if name not in ATTACKS:
         raise UnsupportedConfig(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
-    return importlib.import_module(f"chiplock.attacks.{ATTACKS[name][0]}")
+    mod = ATTACKS[name][0]
+    return importlib.import_module(mod if "." in mod else f"chiplock.attacks.{mod}")
 
 
 def parse_sets(sets: list[str] | None) -> dict[str, Any]:
@@ -76,8 +78,11 @@ def _progress(label: str):
 
 
 def run_attack(name: str, *, preset: str = "paper", overrides: dict[str, Any] | None = None,
-               out: Path | None = None, threads: int = 1, progress=None):
+               out: Path | None = None, threads: int = 1, progress=None, mod: Any = None):
     """Run attack ``name`` with ``preset`` and ``overrides`` on ``threads`` torch threads; save into ``out``.
+
+    ``mod`` runs a module of the same shape (``PRESETS``, ``run``) that is not a registered attack, such as a
+    measurement (:mod:`chiplock.enclave.overhead`).
 
     Returns:
         The :class:`~chiplock.attacks.result.AttackResult`.
@@ -87,7 +92,7 @@ def run_attack(name: str, *, preset: str = "paper", overrides: dict[str, Any] | 
     """
     import torch
 
-    mod = module(name)
+    mod = mod if mod is not None else module(name)
     overrides = dict(overrides or {})
     if overrides.pop("help", None) is not None:
         presets = mod.PRESETS
