@@ -102,3 +102,37 @@ def test_serve_refuses_a_socket_path_that_is_a_file(tmp_path, capsys):
                          tmp_path / "sock"], capsys)
     _one_line_error(code, err, "not a socket")
     assert (tmp_path / "sock").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_serve_then_run_with_connect(packaged, capsys, tmp_path):
+    """`serve --once` on a Unix socket (mode 0600), `run --connect`: the same accuracy as a started executor."""
+    import subprocess
+    import sys
+    import time
+
+    d, summary = packaged
+    sock = tmp_path / "enclave.sock"
+    chiplock = str(Path(sys.executable).with_name("chiplock"))  # the console script of this environment
+    proc = subprocess.Popen([chiplock, "enclave", "serve", str(d / "m.chiplock"),
+                             "--license", str(d / "enclave.lic"), "--profile", str(d / "executor.json"), "--socket",
+                             str(sock), "--once"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        assert (os.stat(sock).st_mode & 0o777) == 0o600
+        code, out, err = _cli(["enclave", "run", d / "m.chiplock", "--license", d / "main.lic", "--profile",
+                               d / "host.json", "--connect", sock, "--data", "digits8", "--json"], capsys)
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["accuracy"] == pytest.approx(summary["accuracy"], abs=1 / result["images"])
+        assert result["executor"]["hardened"] is True and result["executor"]["pid"] != proc.pid
+        assert proc.wait(timeout=30) == 0
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
