@@ -31,6 +31,8 @@ ATTACKS: dict[str, tuple[str, str]] = {
                 "the data, against training from scratch (Figures 3-4)."),
     "noise": ("noise", "Gaussian weight noise against soft locks: authorized and unauthorized accuracy (Fig. 5)."),
     "scale": ("scale", "Lock/unlock time vs parameter count (linear fit) and the attacker's cost per guess."),
+    "steal": ("chiplock.enclave.stealing", "Model stealing against partitioned models (TEESlice protocol), per "
+              "strategy, and ShadowNet's filter matching (also `chiplock enclave attack`)."),
 }
 
 app = typer.Typer(help="Attacks that price the locks: each writes a table (.md, .json) and a plot (.png).",
