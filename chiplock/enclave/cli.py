@@ -33,6 +33,8 @@ out_console = Console(soft_wrap=True)
 _STRATEGY_HELP = ("all-out | last-k (DarkneTZ) | first-k (Serdab) | shadownet | teeslice | all-in: what runs in the "
                   "executor.")
 _PRESET_HELP = "paper: the settings behind docs/enclave.md (minutes); smoke: a quick check (seconds)."
+_LABELS_HELP = ("Answer with the predicted label only, not the logits: exact logits let the host solve a hidden "
+                "last layer from d + 1 chosen queries (docs/enclave.md)")
 _MODEL_HINT = "pass a model written by `chiplock enclave package`"
 _LICENSE_HINT = "issue one with `chiplock license issue MODEL --group main|enclave --profile DEVICE.json -o FILE`"
 _SET_HELP = ("Override one setting of the preset, KEY=VALUE with VALUE as JSON (e.g. --set 'queries=[50]'); "
@@ -47,8 +49,10 @@ def _cli():
 
 
 def _executor_args(container: Path, license: Path, *, secret_file: Optional[Path], profile: Optional[Path],
-                   budget_mib: float, harden: bool, user: Optional[str]) -> list[str]:
+                   budget_mib: float, harden: bool, user: Optional[str], labels_only: bool) -> list[str]:
     args = ["--container", os.fspath(container), "--license", os.fspath(license), "--budget-mib", str(budget_mib)]
+    if labels_only:
+        args.append("--labels-only")
     if secret_file is not None:
         args += ["--secret-file", os.fspath(secret_file)]
     if profile is not None:
@@ -122,6 +126,7 @@ def serve(
     harden: bool = typer.Option(True, "--harden/--no-harden", help="Harden the executor (default; --no-harden "
                                 "only to debug)."),
     once: bool = typer.Option(False, "--once", help="Serve one connection, then exit."),
+    labels_only: bool = typer.Option(False, "--labels-only", help=_LABELS_HELP),
 ) -> None:
     """Serve the model's secure part on a Unix socket: one hardened executor process per connection."""
     from chiplock.errors import OutputError
@@ -141,7 +146,7 @@ def serve(
         os.umask(old)
     server.listen(8)
     args = _executor_args(model, license, secret_file=secret_file, profile=profile, budget_mib=budget_mib,
-                          harden=harden, user=user)
+                          harden=harden, user=user, labels_only=labels_only)
     console.print(f"serving {model} on {sock_path} (one executor per connection; Ctrl-C stops)")
     try:
         while True:
@@ -174,6 +179,7 @@ def run(
                                                        help="The executor's vendor secret (the host never reads it)."),
     connect: Optional[Path] = typer.Option(None, "--connect", help="Use the executor served on this socket."),
     budget_mib: float = typer.Option(64.0, help="Secure-memory budget of a started executor (MiB)."),
+    labels_only: bool = typer.Option(False, "--labels-only", help=_LABELS_HELP + " (a started executor)"),
     data: str = typer.Option("mnist5000", help="Evaluate on this data set's test split."),
     batch: int = typer.Option(256, min=1, help="Batch size."),
     seed: int = typer.Option(0, help="The data split's seed (as at packaging)."),
@@ -203,7 +209,7 @@ def run(
         enclave = Enclave.connect(connect)
     elif enclave_license is not None:
         enclave = Enclave.start(model, enclave_license, secret_file=enclave_secret_file, profile=enclave_profile,
-                                budget_mib=budget_mib)
+                                budget_mib=budget_mib, labels_only=labels_only)
     else:
         raise UnsupportedConfig("this model has a secure part: pass --enclave-license (start an executor) or "
                                 "--connect SOCKET (a served one)")

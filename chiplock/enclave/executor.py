@@ -118,8 +118,9 @@ class Server:
     """
 
     def __init__(self, sock: socket.socket, part: Any, *, info: dict[str, Any] | None = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, labels_only: bool = False) -> None:
         self.sock, self.part, self.info, self.timeout = sock, part, dict(info or {}), timeout
+        self.labels_only = labels_only
         self.max_bytes = _request_cap(part)
         self.switches = self.bytes_in = self.bytes_out = self.errors = 0
 
@@ -128,7 +129,8 @@ class Server:
 
         return {**self.info, "hardening": harden.status(), "pid": os.getpid(), "switches": self.switches,
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "errors": self.errors,
-                "max_batch": self.part.max_batch, "ops": sorted(self.part.ops)}
+                "max_batch": self.part.max_batch, "ops": sorted(self.part.ops),
+                "outputs": "labels" if self.labels_only else "logits"}
 
     def _reply_error(self, message: str) -> None:
         self.errors += 1
@@ -158,6 +160,8 @@ class Server:
             return True
         try:
             out = self.part.run(msg.op, msg.tensors)
+            if self.labels_only and msg.op in getattr(self.part, "final_ops", ()):
+                out = [_one_hot(t) for t in out]
         except EnclaveError as e:
             self._reply_error(str(e))
             return True
@@ -176,6 +180,13 @@ class Server:
             pass
 
 
+def _one_hot(logits: torch.Tensor) -> torch.Tensor:
+    """Labels-only answers: the argmax as a one-hot float row (same dtype and shape as the logits, so the host's
+    model runs unchanged). Exact logits let a host that chooses inputs solve a hidden linear layer from d + 1
+    queries (:func:`chiplock.enclave.extraction.steal_last1`); labels leave it a learning problem."""
+    return torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype)
+
+
 def _warm_up(part: Any) -> None:
     """Run each op at batch 1 and a mid batch, and one channel round trip with an error path, before hardening.
 
@@ -185,7 +196,9 @@ def _warm_up(part: Any) -> None:
     for op, decl in part.ops.items():
         for b in sorted({1, min(part.max_batch, 32)}):
             inputs = [torch.zeros((b, *d["shape"]), dtype=channel.DTYPES[d["dtype"]]) for d in decl["inputs"]]
-            part.run(op, inputs)
+            for t in part.run(op, inputs):
+                if t.dim() == 2:
+                    _one_hot(t)
     a, b = socket.socketpair()
     try:
         a.sendall(b"XXXX" + bytes(8))
@@ -208,7 +221,8 @@ def _build(spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
 
 def run_executor(sock: socket.socket, loader: Loader, *, budget: int, harden: bool = True, seccomp: bool = True,
                  user: str | None = None, memory: str = "auto",
-                 build: Callable[[dict[str, Any], dict[str, torch.Tensor]], Any] = _build) -> int:
+                 build: Callable[[dict[str, Any], dict[str, torch.Tensor]], Any] = _build,
+                 labels_only: bool = False) -> int:
     """The executor's life after argument parsing: load, build, warm up, harden, serve. Returns an exit status.
 
     Args:
@@ -220,6 +234,7 @@ def run_executor(sock: socket.socket, loader: Loader, *, budget: int, harden: bo
         user: Drop to this user before hardening.
         memory: Arena kind (``auto``, ``memfd_secret`` or ``mlock``).
         build: Builds the secure part from ``(spec, tensors)`` (``build_secure``).
+        labels_only: Answer the ops that return logits with the argmax only (one-hot rows).
     """
     try:
         # Nothing forked later may carry the weights; the executor never forks (the filter forbids it too).
@@ -254,7 +269,7 @@ def run_executor(sock: socket.socket, loader: Loader, *, budget: int, harden: bo
     except Exception as e:  # noqa: BLE001 -- a start failure is reported, without a traceback of secure state.
         _send_start_error(sock, EnclaveError(f"the executor failed to start ({type(e).__name__}: {e})"))
         return 2
-    server = Server(sock, part, info=info)
+    server = Server(sock, part, info=info, labels_only=labels_only)
     channel.send(sock, "ready", [], server.status())
     try:
         server.serve()
@@ -298,6 +313,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-harden", action="store_true", help="do not harden (debugging only: unprotected)")
     p.add_argument("--no-seccomp", action="store_true", help="harden without the seccomp filter")
     p.add_argument("--user", help="drop to this user before hardening (needs root)")
+    p.add_argument("--labels-only", action="store_true",
+                   help="answer the ops that return logits with the argmax only (one-hot rows)")
     return p
 
 
@@ -327,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     loader = container_loader(args.container, args.license, profile=profile, secret=secret)
     return run_executor(sock, loader, budget=budget, harden=not args.no_harden, seccomp=not args.no_seccomp,
+                        labels_only=args.labels_only,
                         user=args.user, memory=args.memory)
 
 
@@ -351,7 +369,7 @@ class Enclave:
     def start(cls, container: str | os.PathLike, license: str | os.PathLike, *,
               secret_file: str | os.PathLike | None = None, profile: str | os.PathLike | None = None,
               budget_mib: float = 64, harden: bool = True, seccomp: bool = True, user: str | None = None,
-              memory: str = "auto", timeout: float = 60.0) -> Enclave:
+              memory: str = "auto", labels_only: bool = False, timeout: float = 60.0) -> Enclave:
         """Spawn an executor for ``container`` with its own licence, wait until it is loaded and hardened.
 
         Args:
@@ -360,8 +378,8 @@ class Enclave:
             secret_file: The executor's vendor secret file (the host never reads it).
             profile: The executor's device profile file (default: the executor measures its device).
             budget_mib: Secure-memory budget.
-            harden, seccomp, user, memory: As the executor's ``--no-harden``, ``--no-seccomp``, ``--user``,
-                ``--memory``.
+            harden, seccomp, user, memory, labels_only: As the executor's ``--no-harden``, ``--no-seccomp``,
+                ``--user``, ``--memory``, ``--labels-only``.
             timeout: Seconds to wait for the executor to be ready.
 
         Raises:
@@ -380,6 +398,8 @@ class Enclave:
             args.append("--no-seccomp")
         if user is not None:
             args += ["--user", str(user)]
+        if labels_only:
+            args.append("--labels-only")
         return cls._spawn(["-m", "chiplock.enclave.executor"], args, timeout=timeout)
 
     @classmethod

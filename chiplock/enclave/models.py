@@ -233,12 +233,15 @@ def slice_widths(spec: NetSpec, ratio: float) -> list[int]:
 
 
 def default_start(spec: NetSpec) -> int:
-    """The first unit that gets a slice by default: the one after the first full-resolution block (unit 2).
+    """The first unit that gets a slice by default: the one after the first full-resolution block (unit 2), and
+    never past the last conv unit.
 
     The early, full-resolution units hold generic features that the public backbone already provides; slicing
-    them would cost the most (largest feature maps) for the least gain.
+    them would cost the most (largest feature maps) for the least gain. At least one conv slice stays: without
+    one the private part is an fc slice and a head, which a host choosing inputs extracts exactly
+    (:func:`chiplock.enclave.extraction.steal_teeslice`).
     """
-    return min(2, len(spec.widths))
+    return max(0, min(2, len(spec.widths) - 1))
 
 
 class SliceLin(nn.Module):

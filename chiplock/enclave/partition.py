@@ -414,11 +414,14 @@ class SecurePart:
         spec: the validated spec.
         ops: the spec's ``ops`` (name -> declared per-sample inputs/outputs).
         max_batch: the largest leading batch dimension :meth:`run` accepts.
+        final_ops: the ops that return the model's logits.
     """
 
     def __init__(self, parsed: _Parsed, spec: dict, module: nn.Module | None, tensors: dict[str, Tensor]) -> None:
         self._p, self.spec, self._module = parsed, spec, module
         self.ops, self.max_batch = parsed.ops, parsed.max_batch
+        #: The ops whose output is the model's logits (what a labels-only executor reduces to the argmax).
+        self.final_ops = frozenset({"tail", "forward", "slices", f"post{parsed.net.units - 1}"} & set(self.ops))
         self._bytes = sum(t.numel() * t.element_size() for t in tensors.values())
 
     def parameters_bytes(self) -> int:
@@ -446,6 +449,9 @@ class SecurePart:
             if t.shape[0] != batch or not 1 <= t.shape[0] <= self.max_batch:
                 raise EnclaveError(f"op {op!r}: every input needs the same batch size in 1..{self.max_batch} "
                                    f"(got {t.shape[0]}); split the batch")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                # NaN/Inf carry no honest request; refusing them removes one of the host's probing tools.
+                raise EnclaveError(f"op {op!r} input {j} holds NaN or infinite values; send finite inputs")
 
     def example_inputs(self, op: str, batch: int = 1) -> list[Tensor]:
         """Zero tensors that fit op ``op`` (for a warm-up run).

@@ -97,7 +97,7 @@ def test_teeslice_without_conv_slices_is_stolen_whole():
     ts = TeeSliceNet(backbone, ratio=0.25, seed=2, start=2).eval()  # start = number of conv units: fc slice + head
     p = split(ts, "teeslice")
     base = [f.mean(0) for f in ts.features(X)[p.spec["start"]:]]
-    got = ex.steal_teeslice(p.spec, p.public, _local(p), base=base, model=TeeSliceNet(backbone, ratio=0.25, seed=7))
+    got = ex.steal_teeslice(p.spec, p.public, _local(p), base=base, model=TeeSliceNet(backbone, ratio=0.25, seed=7, start=2))
     assert got.info["complete"] and got.info["neurons_found"] == ts.slices[-1].lin.out_features
     want = ts(X)
     assert (got.model(X) - want).abs().max() < 1e-3 * want.abs().max()
@@ -161,10 +161,13 @@ def test_real_executor_leaks_the_same_and_survives_hostile_inputs(tmp_path):
                        secret_file=tmp_path / "e.secret", budget_mib=1, seccomp=seccomp_available()) as enc:
         got = ex.steal_last1(p.spec, p.public, enc)
         assert torch.allclose(got.weights["units.3.lin.weight"], p.secure["units.3.lin.weight"], atol=1e-5)
-        # Non-finite, denormal, extreme and max-batch inputs are answered; bad batches/dtypes refused cleanly.
-        for x in (torch.full((2, 16), float("nan")), torch.full((2, 16), float("inf")),
-                  torch.full((2, 16), 1e-45), torch.full((2, 16), 3.4e38), torch.randn(64, 16)):
+        # Denormal, extreme and max-batch inputs are answered; non-finite ones, bad batches and dtypes are refused
+        # cleanly, and the executor keeps serving.
+        for x in (torch.full((2, 16), 1e-45), torch.full((2, 16), 3.4e38), torch.randn(64, 16)):
             assert enc("tail", [x])[0].shape == (x.shape[0], 10)
+        for x in (torch.full((2, 16), float("nan")), torch.full((2, 16), float("inf"))):
+            with pytest.raises(EnclaveError, match="NaN or infinite"):
+                enc("tail", [x])
         for x in (torch.randn(65, 16), torch.zeros(0, 16), torch.zeros(2, 16, dtype=torch.float64)):
             with pytest.raises(EnclaveError, match="refused 'tail'"):
                 enc("tail", [x])
@@ -175,4 +178,15 @@ def test_real_executor_leaks_the_same_and_survives_hostile_inputs(tmp_path):
             with pytest.raises(ChiplockError, match="refused"):
                 HostModel(q.spec, q.public, enc)(torch.rand(100 if "max_batch" in kw else 3, 1, 8, 8))
         st = enc.status()
-        assert enc._proc.poll() is None and st["errors"] == 6 and st["switches"] == 1 + 5
+        assert enc._proc.poll() is None and st["errors"] == 8 and st["switches"] == 1 + 3
+        assert st["outputs"] == "logits"
+    # The same executor with labels-only answers: the exact solve gets nothing; honest predictions are unchanged.
+    with Enclave.start(tmp_path / "m.chiplock", tmp_path / "e.license", profile=tmp_path / "e.profile",
+                       secret_file=tmp_path / "e.secret", budget_mib=1, seccomp=seccomp_available(),
+                       labels_only=True) as enc:
+        got = ex.steal_last1(p.spec, p.public, enc)
+        assert (got.weights["units.3.lin.weight"] - p.secure["units.3.lin.weight"]).abs().max() > 0.05
+        x = torch.rand(32, 1, 8, 8)
+        labels = HostModel(p.spec, p.public, enc)(x)
+        assert torch.equal(labels.argmax(1), net(x).argmax(1)) and set(labels.unique().tolist()) <= {0.0, 1.0}
+        assert enc.status()["outputs"] == "labels"
