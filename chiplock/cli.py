@@ -28,6 +28,7 @@ from chiplock.fingerprint.cli import app as fingerprint_app
 from chiplock.neuronlock.cli import app as neuronlock_app
 from chiplock.registry import choices_enum, load_plugins
 from chiplock.softlock.cli import app as softlock_app
+from chiplock.split.cli import app as split_app
 from chiplock.transforms import available_transforms
 
 load_plugins()
@@ -50,6 +51,7 @@ app.add_typer(softlock_app, name="softlock")
 app.add_typer(neuronlock_app, name="neuronlock")
 app.add_typer(attack_app, name="attack")
 app.add_typer(enclave_app, name="enclave")
+app.add_typer(split_app, name="split")
 
 
 @app.command()

@@ -111,20 +111,26 @@ def run_attack(name: str, *, preset: str = "paper", overrides: dict[str, Any] | 
     return result
 
 
+def run_and_print(name: str, *, preset: str, sets: list[str] | None, out: Path, as_json: bool, threads: int,
+                  mod: Any = None) -> None:
+    """What every harness command does: run with a progress bar, save into ``out``, print the tables (or JSON)."""
+    with _progress(name) as bar:
+        result = run_attack(name, preset=preset, overrides=parse_sets(sets), out=out, threads=threads, progress=bar,
+                            mod=mod)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), default=str) + "\n")
+    else:
+        out_console.print(Markdown(result.to_markdown()))
+        console.print(f"wrote {out / (result.name + '.md')} (and .json{', .png' if result.plot else ''})")
+
+
 def _command(name: str, help_text: str) -> None:
     def command(preset: str = typer.Option("paper", help=_PRESET_HELP),
                 set_: Optional[List[str]] = typer.Option(None, "--set", help=_SET_HELP),
                 out: Path = typer.Option(Path("attack-results"), "-o", "--out", help="Folder for the outputs."),
                 as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
                 threads: int = typer.Option(1, min=1, help="Torch threads (timings are per thread count).")) -> None:
-        with _progress(name) as bar:
-            result = run_attack(name, preset=preset, overrides=parse_sets(set_), out=out, threads=threads,
-                                progress=bar)
-        if as_json:
-            sys.stdout.write(json.dumps(result.to_json(), default=str) + "\n")
-        else:
-            out_console.print(Markdown(result.to_markdown()))
-            console.print(f"wrote {out / (result.name + '.md')} (and .json{', .png' if result.plot else ''})")
+        run_and_print(name, preset=preset, sets=set_, out=out, as_json=as_json, threads=threads)
 
     command.__doc__ = help_text
     app.command(name)(command)

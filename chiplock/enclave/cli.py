@@ -22,7 +22,6 @@ from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
-from rich.markdown import Markdown
 from rich.table import Table
 
 app = typer.Typer(help="Confidential inference: a partitioned model whose secure part runs in a hardened "
@@ -262,20 +261,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _harness(name: str, preset: str, set_: Optional[List[str]], out: Path, as_json: bool, threads: int,
-             mod: Any = None) -> None:
-    from chiplock.attacks.cli import _progress, parse_sets, run_attack
-
-    with _progress(name) as bar:
-        result = run_attack(name, preset=preset, overrides=parse_sets(set_), out=out, threads=threads, progress=bar,
-                            mod=mod)
-    if as_json:
-        sys.stdout.write(json.dumps(result.to_json(), default=str) + "\n")
-    else:
-        out_console.print(Markdown(result.to_markdown()))
-        console.print(f"wrote {out / (result.name + '.md')} (and .json{', .png' if result.plot else ''})")
-
-
 @app.command()
 def attack(preset: str = typer.Option("paper", help=_PRESET_HELP),
            set_: Optional[List[str]] = typer.Option(None, "--set", help=_SET_HELP),
@@ -283,7 +268,9 @@ def attack(preset: str = typer.Option("paper", help=_PRESET_HELP),
            as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
            threads: int = typer.Option(1, min=1, help="Torch threads.")) -> None:
     """Model stealing per strategy (TEESlice protocol) and ShadowNet filter matching (= `chiplock attack steal`)."""
-    _harness("steal", preset, set_, out, as_json, threads)
+    from chiplock.attacks.cli import run_and_print
+
+    run_and_print("steal", preset=preset, sets=set_, out=out, as_json=as_json, threads=threads)
 
 
 @app.command()
@@ -293,6 +280,7 @@ def bench(preset: str = typer.Option("paper", help=_PRESET_HELP),
           as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
           threads: int = typer.Option(1, min=1, help="Torch threads.")) -> None:
     """Latency and throughput of each strategy through the real executor vs the plain model."""
+    from chiplock.attacks.cli import run_and_print
     from chiplock.enclave import overhead
 
-    _harness("overhead", preset, set_, out, as_json, threads, mod=overhead)
+    run_and_print("overhead", preset=preset, sets=set_, out=out, as_json=as_json, threads=threads, mod=overhead)
