@@ -33,6 +33,8 @@ ATTACKS: dict[str, tuple[str, str]] = {
     "scale": ("scale", "Lock/unlock time vs parameter count (linear fit) and the attacker's cost per guess."),
     "steal": ("chiplock.enclave.stealing", "Model stealing against partitioned models (TEESlice protocol), per "
               "strategy, and ShadowNet's filter matching (also `chiplock enclave attack`)."),
+    "extract": ("chiplock.enclave.extraction", "Chosen-input extraction from partitioned models (active host): exact "
+                "attacks per strategy and the mitigations against them."),
 }
 
 app = typer.Typer(help="Attacks that price the locks: each writes a table (.md, .json) and a plot (.png).",

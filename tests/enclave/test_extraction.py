@@ -190,3 +190,67 @@ def test_real_executor_leaks_the_same_and_survives_hostile_inputs(tmp_path):
         labels = HostModel(p.spec, p.public, enc)(x)
         assert torch.equal(labels.argmax(1), net(x).argmax(1)) and set(labels.unique().tolist()) <= {0.0, 1.0}
         assert enc.status()["outputs"] == "labels"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The harness (`chiplock attack extract`)
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_harness_refuses_bad_settings():
+    from chiplock.errors import UnsupportedConfig
+
+    with pytest.raises(UnsupportedConfig, match="unknown preset"):
+        ex.run(preset="huge")
+    with pytest.raises(UnsupportedConfig, match="unknown setting"):
+        ex.run(preset="smoke", epochs=3)
+    with pytest.raises(UnsupportedConfig, match="attacks"):
+        ex.run(preset="smoke", attacks=["last-3"])
+    with pytest.raises(UnsupportedConfig, match="datasets"):
+        ex.run(preset="smoke", datasets=["cifar10"])
+    with pytest.raises(UnsupportedConfig, match="label_queries"):
+        ex.run(preset="smoke", label_queries=[1])
+
+
+@pytest.mark.slow
+def test_smoke_preset_fills_every_table_and_claim(tmp_path):
+    r = ex.run(preset="smoke")
+    assert r.name == "extract" and len(r.tables) == 2
+    attacks, mitigations = r.tables
+    col = {c: i for i, c in enumerate(attacks.columns)}
+    rows = {row[col["attack"]]: row for row in attacks.rows}
+    assert set(rows) == set(ex.ATTACKS)
+    # The exact attacks are exact on the trained victim; learning-based ones are not claimed exact.
+    for name in ("last-1", "last-2", "shadownet", "first-1", "teeslice head", "teeslice no-conv"):
+        assert rows[name][col["exact"]] is True, rows[name]
+    for name in ("first-2 fit", "labels-only fit"):
+        assert rows[name][col["exact"]] is False
+    d = r.params["fc_digits8"]
+    assert rows["last-1"][col["queries"]] == d + 1 and rows["last-1"][col["agreement"]] == 1.0
+    mcol = {c: i for i, c in enumerate(mitigations.columns)}
+    mit = {(row[mcol["attack"]], row[mcol["mitigation"]]): row for row in mitigations.rows}
+    assert {t for t, _ in mit} == {"last-1", "shadownet"}
+    assert mit[("last-1", "none (raw logits)")][mcol["exact"]] is True
+    assert mit[("last-1", "labels only: exact solve")][mcol["exact"]] is False
+    assert mit[("last-1", "labels only: exact solve")][mcol["agreement"]] < 0.9
+    budgets = [row for (t, m), row in mit.items() if m.startswith("budget")]
+    assert [row[mcol["exact"]] for row in budgets] == [False, False, True]  # only d + 1 rows suffice
+    claims = r.data["claims"]
+    assert len(claims) >= 10 and all(c["claim"] and any(ch.isdigit() for ch in c["measured"]) for c in claims)
+    assert any(c["claim"].startswith("labels-only") and "fails" in c["measured"] for c in claims)
+    paths = r.save(tmp_path)
+    assert paths["png"].stat().st_size > 0 and "Mitigation prototypes" in paths["md"].read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the executor is Linux-only")
+def test_harness_labels_only_rows_through_a_real_executor():
+    r = ex.run(preset="smoke", attacks=["last-1"], enclave=True)
+    col = {c: i for i, c in enumerate(r.tables[1].columns)}
+    rows = {(row[col["via"]], row[col["mitigation"]]): row for row in r.tables[1].rows}
+    real = {m: row for (via, m), row in rows.items() if via.startswith("Enclave")}
+    assert len(real) == 2 and all("executor outputs labels" in row[col["note"]] for row in real.values())
+    solve = real["labels only: exact solve"]
+    assert solve[col["exact"]] is False and solve[col["agreement"]] < 0.9
+    # The real executor's labels are the prototype's: the same fit gives the same agreement.
+    fit = next(m for m in real if m.startswith("labels only: softmax"))
+    assert real[fit][col["agreement"]] == rows[("LocalCall", fit)][col["agreement"]]
