@@ -135,8 +135,15 @@ def send(sock: socket.socket, op: str, tensors: list[torch.Tensor] | tuple[torch
         raise EnclaveError(f"payload of {payload:,} bytes does not fit one message; send a smaller batch")
     parts = [memoryview(_PREFIX.pack(MAGIC, len(header), payload) + header), *[b for b in bufs if b.nbytes]]
     try:
-        for part in parts:
-            sock.sendall(part)
+        # One gathered write (one wake-up of the peer) for the whole message; sendmsg may stop short, so go on
+        # from where it stopped.
+        while parts:
+            sent = sock.sendmsg(parts)
+            while parts and sent >= parts[0].nbytes:
+                sent -= parts[0].nbytes
+                parts.pop(0)
+            if parts and sent:
+                parts[0] = parts[0][sent:]
     except OSError as e:
         raise EnclaveError(f"the channel is closed ({e.strerror or e}); restart the executor") from None
     return _PREFIX.size + len(header) + payload
@@ -147,14 +154,14 @@ def _read_exact(sock: socket.socket, n: int, deadline: float | None, *, into: by
     view = memoryview(buf)
     got = 0
     while got < n:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([sock], [], [], left)[0]:
-                raise EnclaveError(f"truncated message: {got} of {n} bytes arrived before the timeout; send "
-                                   "complete messages")
         try:
-            k = sock.recv_into(view[got:], n - got)
-        except InterruptedError:
+            # What has arrived is read without waiting (no select per read: most of a message is there already).
+            k = sock.recv_into(view[got:], n - got, socket.MSG_DONTWAIT if deadline is not None else 0)
+        except (BlockingIOError, InterruptedError):
+            left = deadline - time.monotonic() if deadline is not None else None
+            if left is not None and (left <= 0 or not select.select([sock], [], [], left)[0]):
+                raise EnclaveError(f"truncated message: {got} of {n} bytes arrived before the timeout; send "
+                                   "complete messages") from None
             continue
         except OSError as e:
             raise EnclaveError(f"the channel failed ({e.strerror or e}); restart the executor") from None
@@ -248,10 +255,11 @@ def recv(sock: socket.socket, *, max_bytes: int, timeout: float | None = 10.0) -
         EnclaveError: Anything malformed (the message says what); the stream is back in step afterwards
             (see the module docstring).
     """
-    first = bytearray(1)
+    first = bytearray(_PREFIX.size)
     while True:
         try:
-            k = sock.recv_into(first, 1)
+            # Waits for the first byte without limit; takes as much of the prefix as has arrived.
+            k = sock.recv_into(first, _PREFIX.size)
             break
         except InterruptedError:
             continue
@@ -260,8 +268,9 @@ def recv(sock: socket.socket, *, max_bytes: int, timeout: float | None = 10.0) -
     if k == 0:
         raise PeerClosed("the peer closed the channel")
     deadline = None if timeout is None else time.monotonic() + timeout
-    rest = _read_exact(sock, _PREFIX.size - 1, deadline)
-    magic, hlen, plen = _PREFIX.unpack(bytes(first + rest))
+    if k < _PREFIX.size:
+        first[k:] = _read_exact(sock, _PREFIX.size - k, deadline)
+    magic, hlen, plen = _PREFIX.unpack(bytes(first))
     if magic != MAGIC:
         drain(sock)
         raise EnclaveError("bad magic: this is not a chiplock enclave message (expected b'CLE1')")
