@@ -227,6 +227,9 @@ def _parse_header(raw: bytes | bytearray, payload: int) -> tuple[str, list[tuple
         if (not isinstance(shape, list) or len(shape) > MAX_DIMS
                 or not all(type(d) is int and 0 <= d < 1 << 32 for d in shape)):
             raise EnclaveError(f"tensor {i}: shape must be a list of at most {MAX_DIMS} non-negative integers")
+        if math.prod(max(d, 1) for d in shape) >= 1 << 62:
+            # An empty tensor with huge other dimensions still overflows torch's stride computation.
+            raise EnclaveError(f"tensor {i}: shape {shape[:MAX_DIMS]} is too large even when empty")
         dtype = DTYPES[dt]
         total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if total > payload:

@@ -85,8 +85,11 @@ def package(
 
     if strategy not in STRATEGIES:
         raise UnsupportedConfig(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    from chiplock.api import _check_keys_path
+
     keys_out = keys_out or out.with_name(out.name + ".keys")
     _cli().check_output(out, kind="container", force=force)
+    _check_keys_path(keys_out, out, None, force=force)  # before minutes of training, not after
     splits = load_splits(data, seed=seed)
     spec = net_spec_for(splits)
     with _cli()._progress("package") as bar:
@@ -126,16 +129,40 @@ def serve(
                                 "only to debug)."),
     once: bool = typer.Option(False, "--once", help="Serve one connection, then exit."),
     labels_only: bool = typer.Option(False, "--labels-only", help=_LABELS_HELP),
+    socket_group: Optional[str] = typer.Option(None, "--socket-group", help="Let this group connect (socket mode "
+                                               "0660): the host's group when serve runs as root with --user."),
+    max_executors: int = typer.Option(4, min=1, help="Executors alive at once; more connections wait."),
 ) -> None:
-    """Serve the model's secure part on a Unix socket: one hardened executor process per connection."""
+    """Serve the model's secure part on a Unix socket: one hardened executor process per connection.
+
+    Protection from the host needs the executor to run as another user than the host: start serve as root with
+    --user (and --socket-group for the host), with the executor's secret and licence readable only by that user.
+    """
+    import grp
+
     from chiplock.errors import OutputError
 
     main_cli = _cli()
     main_cli.check_input(model, "model", _MODEL_HINT)
     main_cli.check_input(license, "licence", _LICENSE_HINT)
+    gid = None
+    if socket_group is not None:
+        try:
+            gid = grp.getgrnam(socket_group).gr_gid
+        except KeyError:
+            raise OutputError(f"--socket-group {socket_group!r} is not a group here; pass an existing group") from None
     if os.path.lexists(sock_path):
         if not sock_path.is_socket():
             raise OutputError(f"{str(sock_path)!r} exists and is not a socket; choose another --socket path")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(os.fspath(sock_path))
+                live = True
+            except OSError:
+                live = False
+        if live:
+            raise OutputError(f"{str(sock_path)!r} is served by a running `chiplock enclave serve`; stop it or "
+                              "choose another --socket path")
         sock_path.unlink()  # a stale socket of an earlier serve
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
@@ -143,17 +170,26 @@ def serve(
         server.bind(os.fspath(sock_path))
     finally:
         os.umask(old)
+    if gid is not None:
+        os.chown(sock_path, -1, gid)
+        os.chmod(sock_path, 0o660)
+    ours = os.stat(sock_path).st_ino
     server.listen(8)
+    live_procs: list[subprocess.Popen] = []
     args = _executor_args(model, license, secret_file=secret_file, profile=profile, budget_mib=budget_mib,
                           harden=harden, user=user, labels_only=labels_only)
     console.print(f"serving {model} on {sock_path} (one executor per connection; Ctrl-C stops)")
     try:
         while True:
+            live_procs = [p for p in live_procs if p.poll() is None]  # reaps the finished ones
+            while len(live_procs) >= max_executors:
+                live_procs.pop(0).wait()
             conn, _ = server.accept()
             with conn:
                 proc = subprocess.Popen([sys.executable, "-m", "chiplock.enclave.executor", "--fd",
                                          str(conn.fileno()), *args], pass_fds=[conn.fileno()],
                                         stdin=subprocess.DEVNULL)
+            live_procs.append(proc)
             console.print(f"connection: executor pid {proc.pid}")
             if once:
                 proc.wait()
@@ -162,7 +198,11 @@ def serve(
         pass
     finally:
         server.close()
-        sock_path.unlink(missing_ok=True)
+        try:
+            if os.stat(sock_path).st_ino == ours:  # never remove another serve's socket
+                sock_path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 @app.command()

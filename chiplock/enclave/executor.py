@@ -145,6 +145,9 @@ class Server:
         except EnclaveError as e:
             self._reply_error(str(e))
             return True
+        except Exception as e:  # noqa: BLE001 -- a message that trips torch itself must not end the executor.
+            self._reply_error(f"malformed message ({type(e).__name__}); send messages built by channel.send")
+            return True
         if msg.op == "close":
             try:
                 channel.send(self.sock, "closed", [], {})
@@ -222,7 +225,7 @@ def _build(spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
 def run_executor(sock: socket.socket, loader: Loader, *, budget: int, harden: bool = True, seccomp: bool = True,
                  user: str | None = None, memory: str = "auto",
                  build: Callable[[dict[str, Any], dict[str, torch.Tensor]], Any] = _build,
-                 labels_only: bool = False) -> int:
+                 labels_only: bool = False, allow_swap: bool = False) -> int:
     """The executor's life after argument parsing: load, build, warm up, harden, serve. Returns an exit status.
 
     Args:
@@ -235,6 +238,7 @@ def run_executor(sock: socket.socket, loader: Loader, *, budget: int, harden: bo
         memory: Arena kind (``auto``, ``memfd_secret`` or ``mlock``).
         build: Builds the secure part from ``(spec, tensors)`` (``build_secure``).
         labels_only: Answer the ops that return logits with the argmax only (one-hot rows).
+        allow_swap: Serve even when the arena could not be locked in RAM (otherwise a hardening executor refuses).
     """
     try:
         # Nothing forked later may carry the weights; the executor never forks (the filter forbids it too).
@@ -254,6 +258,10 @@ def run_executor(sock: socket.socket, loader: Loader, *, budget: int, harden: bo
         if not arenas:
             raise EnclaveError("the loader put nothing in secure memory; use container_loader")
         arena = arenas[0]
+        if harden and not arena.locked and not allow_swap:
+            raise EnclaveError("the secure part could not be locked in RAM (over RLIMIT_MEMLOCK, which secret memory "
+                               "also counts against): raise the limit for the executor's user (ulimit -l, "
+                               "LimitMEMLOCK= in a systemd unit) or pass --allow-swap to accept swappable weights")
         part = build(spec, tensors)
         info = {"memory": {**arena.info(), "capacity": arena.budget, "budget": budget},
                 "secure_bytes": arena.used, "hardened": False}
@@ -270,7 +278,10 @@ def run_executor(sock: socket.socket, loader: Loader, *, budget: int, harden: bo
         _send_start_error(sock, EnclaveError(f"the executor failed to start ({type(e).__name__}: {e})"))
         return 2
     server = Server(sock, part, info=info, labels_only=labels_only)
-    channel.send(sock, "ready", [], server.status())
+    try:
+        channel.send(sock, "ready", [], server.status())
+    except EnclaveError:
+        return 1  # The host went away before the executor was ready.
     try:
         server.serve()
     except EnclaveError:
@@ -313,6 +324,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-harden", action="store_true", help="do not harden (debugging only: unprotected)")
     p.add_argument("--no-seccomp", action="store_true", help="harden without the seccomp filter")
     p.add_argument("--user", help="drop to this user before hardening (needs root)")
+    p.add_argument("--allow-swap", action="store_true",
+                   help="serve even if the secure part cannot be locked in RAM (RLIMIT_MEMLOCK too low)")
     p.add_argument("--labels-only", action="store_true",
                    help="answer the ops that return logits with the argmax only (one-hot rows)")
     return p
@@ -328,9 +341,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
+        if not math.isfinite(args.budget_mib):
+            raise EnclaveError(f"--budget-mib {args.budget_mib} is not a number; pass a positive size in MiB")
         budget = int(args.budget_mib * (1 << 20))
         if not 0 < budget <= 1 << 40:
             raise EnclaveError(f"--budget-mib {args.budget_mib} is out of range; pass a positive size in MiB")
+        if not args.no_harden:
+            from chiplock.enclave.harden import protect_early
+
+            protect_early()  # before the secret or the licence is read
         secret = None
         if args.secret_file:
             secret = _read_secret(args.secret_file)
@@ -344,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     loader = container_loader(args.container, args.license, profile=profile, secret=secret)
     return run_executor(sock, loader, budget=budget, harden=not args.no_harden, seccomp=not args.no_seccomp,
-                        labels_only=args.labels_only,
+                        labels_only=args.labels_only, allow_swap=args.allow_swap,
                         user=args.user, memory=args.memory)
 
 

@@ -155,6 +155,28 @@ def _install_seccomp(extra: tuple[str, ...] = ()) -> None:
     _state["seccomp_filter"] = True
 
 
+def protect_early() -> None:
+    """The first thing a hardening executor does, before it reads its secret or licence: non-dumpable (no
+    ptrace or /proc/PID/mem for same-user processes, no core dump) from the start, and refuse to run if a tracer is
+    already attached (the host that spawned it could otherwise watch the key being derived).
+
+    Raises:
+        EnclaveError: The process is being traced, or cannot be made non-dumpable.
+    """
+    _check(_prctl(_PR_SET_DUMPABLE, 0), "make the process non-dumpable")
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError) as e:
+        raise EnclaveError(f"cannot set RLIMIT_CORE to 0 ({e}); pass --no-harden to run unprotected") from None
+    try:
+        with open("/proc/self/status") as f:
+            tracer = next((line.split()[1] for line in f if line.startswith("TracerPid:")), "0")
+    except OSError:
+        tracer = "0"
+    if tracer != "0":
+        raise EnclaveError(f"the executor is being traced (by pid {tracer}); refusing to derive its key")
+
+
 def harden(*, user: str | int | None = None, seccomp: bool = True, mlockall: bool = True,
            extra_syscalls: tuple[str, ...] = ()) -> dict[str, Any]:
     """Harden this process (see the module docstring); call it once, after loading, before serving.

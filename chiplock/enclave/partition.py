@@ -421,7 +421,10 @@ class SecurePart:
         self._p, self.spec, self._module = parsed, spec, module
         self.ops, self.max_batch = parsed.ops, parsed.max_batch
         #: The ops whose output is the model's logits (what a labels-only executor reduces to the argmax).
-        self.final_ops = frozenset({"tail", "forward", "slices", f"post{parsed.net.units - 1}"} & set(self.ops))
+        final = {"tail", "forward", "slices", f"post{parsed.net.units - 1}"}
+        if parsed.strategy == "first-k" and parsed.k == parsed.net.units:
+            final.add("front")  # every unit inside: the front's output is the logits
+        self.final_ops = frozenset(final & set(self.ops))
         self._bytes = sum(t.numel() * t.element_size() for t in tensors.values())
 
     def parameters_bytes(self) -> int:

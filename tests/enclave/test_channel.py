@@ -105,7 +105,9 @@ def test_send_refuses_what_cannot_cross(pair):
     (_frame(_hdr(tensors=[{"dtype": "float32", "shape": [1] * 9}]), b"\0" * 4), "non-negative integers"),
     (_frame(_hdr(tensors=[{"dtype": "float32", "shape": [2]}]), b"\0" * 12), "add up to 8 bytes"),
     (_frame(_hdr(tensors=[{"dtype": "float32", "shape": [4]}]), b"\0" * 12), "payload is 12"),
-    (_frame(_hdr(tensors=[{"dtype": "float32", "shape": [1 << 31, 1 << 31]}]), b"\0" * 12), "payload is 12"),
+    (_frame(_hdr(tensors=[{"dtype": "float32", "shape": [1 << 31, 1 << 31]}]), b"\0" * 12), "too large"),
+    # Empty, but torch's stride computation overflows: must be refused, not crash the executor (review finding).
+    (_frame(_hdr(tensors=[{"dtype": "float32", "shape": [0] + [(1 << 32) - 1] * 7}]), b""), "too large"),
     (_frame(_hdr(tensors=[{"dtype": "float32", "shape": [1], "x": 1}]), b"\0" * 4), "expected"),
     (_frame(_hdr(tensors=[{"dtype": "uint8", "shape": [1]}] * 65), b"\0" * 65), "at most 64 entries"),
 ])

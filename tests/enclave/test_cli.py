@@ -136,3 +136,30 @@ def test_serve_then_run_with_connect(packaged, capsys, tmp_path):
             proc.kill()
         proc.wait()
         proc.stderr.close()
+
+
+def test_package_refuses_existing_keys_before_training(tmp_path, capsys):
+    from chiplock.license import ContentKeys
+
+    ContentKeys.new({"main": "pre-aes"}).save(tmp_path / "other.keys")
+    code, _, err = _cli(["enclave", "package", "-o", tmp_path / "m.chiplock", "--keys-out", tmp_path / "other.keys",
+                         "--data", "digits8", "--epochs", "50"], capsys)
+    _one_line_error(code, err, "content keys of another")
+    assert not (tmp_path / "m.chiplock").exists()
+
+
+def test_serve_refuses_a_live_socket(tmp_path, capsys):
+    import socket
+
+    (tmp_path / "m.chiplock").write_bytes(b"x")
+    (tmp_path / "e.lic").write_bytes(b"x")
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(tmp_path / "sock"))
+    live.listen(1)
+    try:
+        code, _, err = _cli(["enclave", "serve", tmp_path / "m.chiplock", "--license", tmp_path / "e.lic", "--socket",
+                             tmp_path / "sock"], capsys)
+        _one_line_error(code, err, "served by a running")
+        assert (tmp_path / "sock").is_socket()
+    finally:
+        live.close()

@@ -254,3 +254,15 @@ def test_harness_labels_only_rows_through_a_real_executor():
     # The real executor's labels are the prototype's: the same fit gives the same agreement.
     fit = next(m for m in real if m.startswith("labels only: softmax"))
     assert real[fit][col["agreement"]] == rows[("LocalCall", fit)][col["agreement"]]
+
+
+def test_labels_only_covers_first_k_over_every_unit():
+    """first-k with k = n returns the logits from its front op: labels-only must reduce it too (review finding)."""
+    net = _net()
+    full = split(net, "first-k", k=net.spec.units)
+    assert build_secure(full.spec, full.secure).final_ops == {"front"}
+    part = split(net, "first-k", k=1)
+    assert build_secure(part.spec, part.secure).final_ops == set()
+    for s, op in (("last-k", "tail"), ("all-in", "forward"), ("shadownet", f"post{net.spec.units - 1}")):
+        q = split(net, s)
+        assert build_secure(q.spec, q.secure).final_ops == {op}
