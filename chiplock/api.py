@@ -248,7 +248,7 @@ def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str 
         if secret is not None:
             raise ValueError("a vendor secret belongs to a device's licence: pass it when issuing licences")
     if content_keys_path is not None:
-        _check_keys_path(content_keys_path, out_path, weights, force=force)
+        check_keys_path(content_keys_path, out_path, weights, force=force)
     if profile is not None:
         check_key_strength(profile, secret, allow_weak_key, stacklevel=3)
     folder = _is_folder_source(weights)
@@ -292,7 +292,7 @@ def lock(weights: Mapping[str, torch.Tensor] | str | os.PathLike, out_path: str 
     return inspect(out_path)
 
 
-def _check_keys_path(keys_path: str | os.PathLike, out_path: str | os.PathLike, weights: object, *,
+def check_keys_path(keys_path: str | os.PathLike, out_path: str | os.PathLike, weights: object, *,
                      force: bool) -> None:
     """The content keys are the only way to issue licences for a model, and must never ship with it: refuse a
     keys path that is the output, inside the output or source folder, or an existing file (another model's keys
@@ -709,5 +709,5 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-__all__ = ["LowEntropyWarning", "decode_with_keys", "inspect", "iter_unlock", "load_state_dict", "load_weights",
+__all__ = ["LowEntropyWarning", "check_keys_path", "decode_with_keys", "inspect", "iter_unlock", "load_state_dict", "load_weights",
            "lock", "unlock", "unlock_to_file", "verify_folder"]

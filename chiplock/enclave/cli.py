@@ -47,22 +47,6 @@ def _cli():
     return main_cli
 
 
-def _executor_args(container: Path, license: Path, *, secret_file: Optional[Path], profile: Optional[Path],
-                   budget_mib: float, harden: bool, user: Optional[str], labels_only: bool) -> list[str]:
-    args = ["--container", os.fspath(container), "--license", os.fspath(license), "--budget-mib", str(budget_mib)]
-    if labels_only:
-        args.append("--labels-only")
-    if secret_file is not None:
-        args += ["--secret-file", os.fspath(secret_file)]
-    if profile is not None:
-        args += ["--profile", os.fspath(profile)]
-    if not harden:
-        args.append("--no-harden")
-    if user is not None:
-        args += ["--user", user]
-    return args
-
-
 @app.command()
 def package(
     out: Path = typer.Option(..., "-o", "--out", help="The partitioned, locked model (one container)."),
@@ -85,11 +69,11 @@ def package(
 
     if strategy not in STRATEGIES:
         raise UnsupportedConfig(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    from chiplock.api import _check_keys_path
+    from chiplock.api import check_keys_path
 
     keys_out = keys_out or out.with_name(out.name + ".keys")
     _cli().check_output(out, kind="container", force=force)
-    _check_keys_path(keys_out, out, None, force=force)  # before minutes of training, not after
+    check_keys_path(keys_out, out, None, force=force)  # before minutes of training, not after
     splits = load_splits(data, seed=seed)
     spec = net_spec_for(splits)
     with _cli()._progress("package") as bar:
@@ -176,8 +160,10 @@ def serve(
     ours = os.stat(sock_path).st_ino
     server.listen(8)
     live_procs: list[subprocess.Popen] = []
-    args = _executor_args(model, license, secret_file=secret_file, profile=profile, budget_mib=budget_mib,
-                          harden=harden, user=user, labels_only=labels_only)
+    from chiplock.enclave.executor import executor_args
+
+    args = executor_args(model, license, secret_file=secret_file, profile=profile, budget_mib=budget_mib,
+                         harden=harden, user=user, labels_only=labels_only)
     console.print(f"serving {model} on {sock_path} (one executor per connection; Ctrl-C stops)")
     try:
         while True:

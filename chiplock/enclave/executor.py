@@ -367,6 +367,29 @@ def main(argv: list[str] | None = None) -> int:
                         user=args.user, memory=args.memory)
 
 
+def executor_args(container: str | os.PathLike, license: str | os.PathLike, *,
+                  secret_file: str | os.PathLike | None = None, profile: str | os.PathLike | None = None,
+                  budget_mib: float = 64, harden: bool = True, seccomp: bool = True, user: str | None = None,
+                  memory: str = "auto", labels_only: bool = False) -> list[str]:
+    """The executor's command-line arguments (after ``--fd N``) for these settings: what :meth:`Enclave.start`
+    and ``chiplock enclave serve`` pass to ``python -m chiplock.enclave.executor``."""
+    args = ["--container", os.fspath(container), "--license", os.fspath(license),
+            "--budget-mib", str(budget_mib), "--memory", memory]
+    if secret_file is not None:
+        args += ["--secret-file", os.fspath(secret_file)]
+    if profile is not None:
+        args += ["--profile", os.fspath(profile)]
+    if not harden:
+        args.append("--no-harden")
+    if not seccomp:
+        args.append("--no-seccomp")
+    if user is not None:
+        args += ["--user", str(user)]
+    if labels_only:
+        args.append("--labels-only")
+    return args
+
+
 class Enclave:
     """Host-side client of one executor process; call it like ``LocalCall``: ``enc(op, inputs) -> outputs``.
 
@@ -405,20 +428,8 @@ class Enclave:
             EnclaveError: The executor could not start (the message says why), or did not get ready in time.
             InvalidKey, ProfileError, ...: The executor's licence does not open its part on this device.
         """
-        args = ["--container", os.fspath(container), "--license", os.fspath(license),
-                "--budget-mib", str(budget_mib), "--memory", memory]
-        if secret_file is not None:
-            args += ["--secret-file", os.fspath(secret_file)]
-        if profile is not None:
-            args += ["--profile", os.fspath(profile)]
-        if not harden:
-            args.append("--no-harden")
-        if not seccomp:
-            args.append("--no-seccomp")
-        if user is not None:
-            args += ["--user", str(user)]
-        if labels_only:
-            args.append("--labels-only")
+        args = executor_args(container, license, secret_file=secret_file, profile=profile, budget_mib=budget_mib,
+                             harden=harden, seccomp=seccomp, user=user, memory=memory, labels_only=labels_only)
         return cls._spawn(["-m", "chiplock.enclave.executor"], args, timeout=timeout)
 
     @classmethod

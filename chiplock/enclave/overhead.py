@@ -35,9 +35,9 @@ from chiplock.attacks.result import (
     resolve,
     save_figure,
 )
+from chiplock.enclave.partition import STRATEGIES
 from chiplock.errors import UnsupportedConfig
 
-STRATEGIES = ("all-out", "last-k", "first-k", "shadownet", "teeslice", "all-in")
 EXECUTORS = ("enclave", "local", "auto")
 #: The issue's target for the TEESlice-style partition (its overhead against the plain model on the CPU).
 TARGET = 1.3

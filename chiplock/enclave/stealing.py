@@ -48,9 +48,9 @@ from chiplock.attacks.result import (
     resolve,
     save_figure,
 )
+from chiplock.enclave.partition import STRATEGIES
 from chiplock.errors import UnsupportedConfig
 
-STRATEGIES = ("all-out", "last-k", "first-k", "shadownet", "teeslice", "all-in")
 FILLS = ("public", "random")
 
 #: TEESlice's artifact: stolen accuracy relative to the black-box baseline, averaged over 20 model/data pairs.

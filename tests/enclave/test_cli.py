@@ -11,30 +11,14 @@ from pathlib import Path
 import pytest
 
 from chiplock.cli import run
-from chiplock.fingerprint import Enrollment
-from chiplock.keys import INSECURE_FAST, KdfParams
-from chiplock.profile import DeviceProfile
+from cli_helpers import one_line_error, run_cli, synthetic_device
 
 
-def _cli(argv, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = run([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
+_cli, _one_line_error = run_cli, one_line_error
 
 
 def _device(path: Path) -> Path:
-    e = Enrollment(source="precision", helper={"suite": 2, "device": "cpu"}, material=os.urandom(32),
-                   entropy_bits=80.0)
-    DeviceProfile(enrollments=(e,)).with_device_key(KdfParams(**INSECURE_FAST)).save(path)
+    synthetic_device(path)
     return path
 
 

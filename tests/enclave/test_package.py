@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -13,18 +12,14 @@ from chiplock.enclave.package import (ENCLAVE_GROUP, ENCLAVE_SPEC, HOST_GROUP, H
                                       issue, load_host, load_secure)
 from chiplock.enclave.package import package as package_partition
 from chiplock.errors import EnclaveError, InvalidKey, ProfileError, UnsupportedConfig
-from chiplock.fingerprint import Enrollment
 from chiplock.keys import INSECURE_FAST, KdfParams
 from chiplock.license import ContentKeys
 from chiplock.profile import DeviceProfile
+from cli_helpers import synthetic_device
 from swtpm_helper import Swtpm, needs_swtpm
 
 
-def _device() -> DeviceProfile:
-    """A synthetic device with 80 estimated bits and a fast stored device key."""
-    e = Enrollment(source="precision", helper={"suite": 2, "device": "cpu"}, material=os.urandom(32),
-                   entropy_bits=80.0)
-    return DeviceProfile(enrollments=(e,)).with_device_key(KdfParams(**INSECURE_FAST))
+_device = synthetic_device
 
 
 def _partition(secure: bool = True) -> SimpleNamespace:

@@ -12,37 +12,15 @@ from pathlib import Path
 import pytest
 
 from chiplock.cli import run
-from chiplock.fingerprint import Enrollment
-from chiplock.keys import INSECURE_FAST, KdfParams
+from cli_helpers import one_line_error, run_cli, synthetic_device
 from chiplock.license import ContentKeys, License
-from chiplock.profile import DeviceProfile
 
 TINY = ["--data", "digits8", "--arch", "smallcnn", "--width", "4", "--pretrain-epochs", "1", "--lock-epochs", "1",
         "--max-train", "128", "--calib", "32"]
 
 
-def _cli(argv, capsys) -> tuple[int, str, str]:
-    """Run the CLI in this process as the console script does: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = run([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-def _device(path: Path) -> DeviceProfile:
-    e = Enrollment(source="precision", helper={"suite": 2, "device": "cpu"}, material=os.urandom(32),
-                   entropy_bits=80.0)
-    profile = DeviceProfile(enrollments=(e,)).with_device_key(KdfParams(**INSECURE_FAST))
-    profile.save(path)
-    return profile
+_cli, _one_line_error = run_cli, one_line_error
+_device = synthetic_device
 
 
 @pytest.fixture(scope="module")
